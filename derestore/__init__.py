@@ -1,0 +1,21 @@
+"""derestore: restore degraded photographs with published state-of-the-art networks.
+
+`derestore.load(...)` and `derestore.restore(...)` are the API the CLI itself
+uses; they are imported on first use so that `import derestore` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "restore", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("load", "restore"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'derestore' has no attribute '{name}'")

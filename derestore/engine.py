@@ -1,0 +1,147 @@
+"""Running a model descriptor on images: device and precision choice, tiled batched inference."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from spandrel import ImageModelDescriptor
+
+from .errors import UsageError
+from .tiling import SizeRule, TilePlan, plan_tiles, reflect_indices
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def choose_device(spec: str = "auto") -> torch.device:
+    """`auto` → the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device '{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present; use cuda:0…"
+            )
+    elif device.type != "cpu":
+        raise UsageError(f"--device '{spec}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def choose_precision(spec: str, descriptor: ImageModelDescriptor, device: torch.device) -> torch.dtype:
+    """fp32 on the CPU under `auto`; on a GPU the fastest half type the architecture is known to tolerate."""
+    if spec not in PRECISIONS:
+        raise UsageError(f"--precision '{spec}' is not one of {', '.join(PRECISIONS)}")
+    arch = descriptor.architecture.id
+    if spec == "auto":
+        if device.type == "cuda":
+            if descriptor.supports_bfloat16:
+                return torch.bfloat16
+            if descriptor.supports_half:
+                return torch.float16
+        return torch.float32
+    if spec == "fp16" and not descriptor.supports_half:
+        raise UsageError(f"{arch} does not run correctly in fp16; use --precision fp32 or auto")
+    if spec == "bf16" and not descriptor.supports_bfloat16:
+        raise UsageError(f"{arch} does not run correctly in bf16; use --precision fp32 or auto")
+    return _DTYPES[spec]
+
+
+def use_all_cores() -> None:
+    """torch defaults to the physical cores it sees; use every core this process may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores))
+
+
+def size_rule(descriptor: ImageModelDescriptor) -> SizeRule:
+    req = descriptor.size_requirements
+    return SizeRule(multiple=req.multiple_of, minimum=req.minimum, square=req.square)
+
+
+def reflect_pad(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad (B, C, h, w) at the bottom/right to (height, width) by mirroring, repeatedly if needed."""
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
+    rows = torch.from_numpy(reflect_indices(h, height)).to(x.device)
+    cols = torch.from_numpy(reflect_indices(w, width)).to(x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+@dataclass
+class Engine:
+    """A loaded model on its device, ready to restore (3, H, W) float images."""
+
+    descriptor: ImageModelDescriptor
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int = 4
+
+    @classmethod
+    def create(cls, descriptor: ImageModelDescriptor, *, device: str = "auto",
+               precision: str = "auto", batch_size: int = 4) -> "Engine":
+        if batch_size < 1:
+            raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+        dev = choose_device(device)
+        dtype = choose_precision(precision, descriptor, dev)
+        if dev.type == "cpu":
+            use_all_cores()
+        descriptor.to(dev)
+        descriptor.to(dtype)
+        descriptor.eval()
+        return cls(descriptor=descriptor, device=dev, dtype=dtype, batch_size=batch_size)
+
+    @property
+    def precision(self) -> str:
+        return {v: k for k, v in _DTYPES.items()}[self.dtype]
+
+    def plan(self, height: int, width: int, tile: int, overlap: int) -> TilePlan:
+        try:
+            return plan_tiles(height, width, tile, overlap, size_rule(self.descriptor))
+        except ValueError as exc:
+            raise UsageError(f"--tile {tile} --overlap {overlap}: {exc}") from None
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.descriptor(batch.to(self.device, self.dtype, non_blocking=True))
+        return out.float()
+
+    @torch.inference_mode()
+    def restore(self, image: np.ndarray, *, tile: int = 0, overlap: int = 32,
+                window_fn: Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor] | None = None,
+                ) -> np.ndarray:
+        """Restore one (3, H, W) float32 image in [0, 1]; returns (3, H, W) float32 in [0, 1].
+
+        `window_fn` replaces blended tiling by an architecture's own published
+        window protocol (called with the model call, the padded image and `tile`).
+        """
+        c, h, w = image.shape
+        x = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
+        if window_fn is not None:
+            out = window_fn(self._forward, x.to(self.device, torch.float32), tile)
+            return out.clamp_(0, 1)[0, :, :h, :w].cpu().numpy()
+        plan = self.plan(h, w, tile, overlap)
+        padded = reflect_pad(x, plan.padded_height, plan.padded_width)
+        if not plan.tiled:
+            return self._forward(padded)[0, :, :h, :w].cpu().numpy()
+        result = torch.zeros((c, plan.padded_height, plan.padded_width), dtype=torch.float32, device=self.device)
+        windows = list(enumerate(plan.windows))
+        for start in range(0, len(windows), self.batch_size):
+            group = windows[start:start + self.batch_size]
+            batch = torch.cat([padded[..., win.y0:win.y1, win.x0:win.x1] for _, win in group])
+            outputs = self._forward(batch)
+            for (i, win), out in zip(group, outputs):
+                weight = torch.from_numpy(plan.weight(i)).to(self.device)
+                result[:, win.y0:win.y1, win.x0:win.x1].addcmul_(out, weight)
+        return result[:, :h, :w].clamp_(0, 1).cpu().numpy()

@@ -1,0 +1,27 @@
+"""Exceptions that map to the CLI's exit codes (see README: exit codes)."""
+
+from __future__ import annotations
+
+
+class DerestoreError(Exception):
+    """Base class: `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(DerestoreError):
+    """A bad argument, path, option value or registry entry (exit 2)."""
+
+    exit_code = 2
+
+
+class ModelUnavailable(DerestoreError):
+    """A checkpoint that cannot be found, fetched, verified or loaded (exit 3)."""
+
+    exit_code = 3
+
+
+class InputError(DerestoreError):
+    """One input file that cannot be read or decoded; the batch goes on (exit 1 at the end)."""
+
+    exit_code = 1

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random-weight checkpoints in the official container formats, and test images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def dncnn_state(seed: int = 0, nc: int = 8, nb: int = 5) -> dict[str, torch.Tensor]:
+    """A small all-convolutional DnCNN (receptive radius = nb) with random weights."""
+    from spandrel.architectures.DnCNN import DnCNN
+
+    torch.manual_seed(seed)
+    net = DnCNN(in_nc=3, out_nc=3, nc=nc, nb=nb, act_mode="BR")
+    for p in net.parameters():
+        p.data.mul_(0.5)
+    return net.state_dict()
+
+
+def nafnet_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny NAFNet: needs sides that are multiples of 4 (two down-sampling levels)."""
+    from spandrel.architectures.NAFNet import NAFNet
+
+    torch.manual_seed(seed)
+    net = NAFNet(img_channel=3, width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1])
+    return net.state_dict()
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], container: str = "params") -> Path:
+    """Save `state` the way training scripts do: {'params'}, {'params','params_ema'}, {'state_dict'} with
+    'module.' prefixes, a bare dict, or safetensors."""
+    if container == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        return path
+    if container == "params":
+        obj: object = {"params": state}
+    elif container == "params+ema":
+        obj = {"params": state, "params_ema": {k: torch.zeros_like(v) for k, v in state.items()}}
+    elif container == "state_dict_module":
+        obj = {"epoch": 3, "state_dict": {"module." + k: v for k, v in state.items()}, "optimizer": {}}
+    elif container == "bare":
+        obj = dict(state)
+    else:
+        raise ValueError(container)
+    torch.save(obj, path)
+    return path
+
+
+@pytest.fixture
+def dncnn_ckpt(tmp_path: Path) -> Path:
+    return save_checkpoint(tmp_path / "dncnn.pth", dncnn_state())
+
+
+@pytest.fixture
+def nafnet_ckpt(tmp_path: Path) -> Path:
+    return save_checkpoint(tmp_path / "nafnet.pth", nafnet_state())
+
+
+def smooth_image(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """A natural-ish test image (smooth gradients plus texture) as (H, W, C) float in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    base = [0.5 + 0.4 * np.sin(x / (7 + 3 * c) + y / (11 + c) + c) for c in range(channels)]
+    img = np.stack(base, axis=-1) + 0.05 * rng.standard_normal((h, w, channels))
+    return np.clip(img, 0, 1)
+
+
+def to_uint(img: np.ndarray, depth: int = 8) -> np.ndarray:
+    peak = 255 if depth == 8 else 65535
+    return np.round(img * peak).astype(np.uint8 if depth == 8 else np.uint16)
