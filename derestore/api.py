@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,9 @@ import numpy as np
 
 from . import imageio
 from .errors import UsageError
-from .pipeline import Job, Result, discover, plan_jobs, run_jobs
+from .pipeline import (Job, Result, Scorer, discover, parse_shard, plan_jobs, read_list,
+                       remove_stale_temp_files, run_jobs)
+from .pipeline import shard as pipeline_shard
 from .registry import ModelRecord, Registry, load_registry
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ class Model:
     tile: int
     overlap: int
     _sha256: str | None = None
+    _said: set[str] = field(default_factory=set)
 
     @property
     def arch(self) -> str:
@@ -52,24 +56,79 @@ class Model:
         return self._sha256
 
     def restore_array(self, image: np.ndarray, *, tile: int | None = None, overlap: int | None = None,
-                      tiling: str = "blend") -> np.ndarray:
-        """Restore one (3, H, W) float32 array in [0, 1]."""
-        if tiling not in TILINGS:
-            raise UsageError(f"--tiling '{tiling}' is not one of {', '.join(TILINGS)}")
+                      tiling: str = "blend") -> tuple[np.ndarray, list[str]]:
+        """Restore one (3, H, W) float32 array in [0, 1]; returns the result and notes for the user.
+
+        On a GPU out-of-memory error the image is retried with half the tile
+        size (down to MIN_TILE); a half-precision result that is NaN/Inf or
+        black where the input is not is redone in fp32. Each is said once.
+        """
+        import torch
+
+        from .engine import is_out_of_memory
+
         tile = self.tile if tile is None else tile
         overlap = self.overlap if overlap is None else overlap
+        notes: list[str] = []
+        while True:
+            try:
+                out = self._run(image, tile, overlap, tiling, None)
+                break
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                smaller = _halve_tile(tile, image.shape[1:], overlap)
+                if not is_out_of_memory(exc) or smaller is None:
+                    raise
+                if self.engine.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self._say_once(notes, "oom", f"out of device memory at tile {tile or 'whole image'}; "
+                                             f"retrying with smaller tiles (first retry: {smaller})")
+                tile = smaller
+        if self.engine.dtype != torch.float32 and _broken(out, image):
+            out = self._run(image, tile, overlap, tiling, torch.float32)
+            self._say_once(notes, "half", f"{self.engine.precision} output was NaN/Inf or black; "
+                                          "redone in fp32 (use --precision fp32 to skip the first attempt)")
+        return out, notes
+
+    def _run(self, image: np.ndarray, tile: int, overlap: int, tiling: str, dtype: object) -> np.ndarray:
+        if tiling not in TILINGS:
+            raise UsageError(f"--tiling '{tiling}' is not one of {', '.join(TILINGS)}")
         if tiling == "published":
             from .archs import PUBLISHED_WINDOWS
 
             window_fn = PUBLISHED_WINDOWS.get(self.arch)
             if window_fn is None:
-                return self.engine.restore(image, tile=0)
-            return self.engine.restore(image, tile=tile, window_fn=window_fn)
-        return self.engine.restore(image, tile=tile, overlap=overlap)
+                return self.engine.restore(image, tile=0, dtype=dtype)
+            windows = functools.partial(window_fn, max_batch=self.engine.batch_size)
+            return self.engine.restore(image, tile=tile, window_fn=windows, dtype=dtype)
+        return self.engine.restore(image, tile=tile, overlap=overlap, dtype=dtype)
 
-    def restore_image(self, image: imageio.Image, **kwargs: object) -> imageio.Image:
-        restored = self.restore_array(imageio.to_float(image), **kwargs)  # type: ignore[arg-type]
-        return imageio.from_float(restored, image)
+    def _say_once(self, notes: list[str], key: str, text: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            notes.append(text)
+
+    def restore_image(self, image: imageio.Image, **kwargs: object) -> tuple[imageio.Image, list[str]]:
+        restored, notes = self.restore_array(imageio.to_float(image), **kwargs)  # type: ignore[arg-type]
+        return imageio.from_float(restored, image), notes
+
+
+MIN_TILE = 64
+
+
+def _halve_tile(tile: int, shape: tuple[int, ...], overlap: int) -> int | None:
+    """The next smaller tile after an out-of-memory error, or None at the floor."""
+    current = tile or max(shape)
+    smaller = current // 2
+    if smaller < max(MIN_TILE, 2 * overlap + 8):
+        return None
+    return smaller
+
+
+def _broken(out: np.ndarray, image: np.ndarray) -> bool:
+    """The classic half-precision failures: non-finite values, or an all-black result from a non-black input."""
+    if not np.isfinite(out).all():
+        return True
+    return bool(out.max() < 1.0 / 255 and image.max() > 4.0 / 255)
 
 
 def _hint(registry: Registry, record: ModelRecord | None, arch: str, field_name: str, fallback: int) -> int:
@@ -90,9 +149,14 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
 
     Precedence: `weights` (a file), then `model` (a registry name), then the task's default.
     """
-    from .engine import Engine
+    from .engine import PRECISIONS, Engine, choose_device
     from .loading import load_model
 
+    choose_device(device)
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
     registry = registry or load_registry()
     if weights is not None and model is not None:
         raise UsageError("give either --model or --weights, not both")
@@ -127,22 +191,53 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
     )
 
 
-def restore(inputs: list[str] | str, output: str | Path, *, model: Model, recursive: bool = False,
-            ext: str | None = None, suffix: str = "", tile: int | None = None, overlap: int | None = None,
-            tiling: str = "blend", max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS) -> Iterator[Result]:
-    """Restore every image named by `inputs` (files, folders, globs) into `output`; yields one Result per input."""
+def plan(inputs: list[str] | str, output: str | Path, *, recursive: bool = False, ext: str | None = None,
+         suffix: str = "", keep_tree: bool = False, from_list: str | None = None,
+         shard: str | None = None) -> list[Job]:
+    """Find the inputs and name their outputs; every usage error surfaces here, before a model is loaded.
+
+    `from_list` names a file of paths (`-` = stdin); `shard` = "K/N" keeps the K-th of N parts.
+    """
     if isinstance(inputs, str):
         inputs = [inputs]
+    listed = read_list(from_list) if from_list else []
+    if not inputs and not listed:
+        raise UsageError("no inputs: name image files, folders or globs, or give --from-list FILE")
+    part = parse_shard(shard) if shard else None
+    sources = discover(inputs, recursive=recursive, listed=listed)
+    jobs = plan_jobs(sources, Path(output).expanduser(), ext=ext, suffix=suffix, keep_tree=keep_tree)
+    return pipeline_shard(jobs, *part) if part else jobs
+
+
+def check_tiling(tile: int | None, overlap: int | None, tiling: str) -> None:
     if tile is not None and tile < 0:
         raise UsageError(f"--tile {tile}: must be 0 (whole image) or a positive size")
     if overlap is not None and overlap < 0:
         raise UsageError(f"--overlap {overlap}: must not be negative")
     if tiling not in TILINGS:
         raise UsageError(f"--tiling '{tiling}' is not one of {', '.join(TILINGS)}")
-    files = discover(inputs, recursive=recursive)
-    jobs: list[Job] = plan_jobs(files, Path(output).expanduser(), ext=ext, suffix=suffix)
+
+
+def restore(inputs: list[str] | str | list[Job], output: str | Path | None = None, *, model: Model,
+            recursive: bool = False, ext: str | None = None, suffix: str = "", tile: int | None = None,
+            overlap: int | None = None, tiling: str = "blend",
+            max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS, skip_existing: bool = False,
+            fail_fast: bool = False, score: Scorer | None = None) -> Iterator[Result]:
+    """Restore every image named by `inputs` (files, folders, globs — or jobs from `plan`) into `output`.
+
+    Yields one `Result` per input, in input order, as each finishes.
+    """
+    check_tiling(tile, overlap, tiling)
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], Job):
+        jobs = list(inputs)  # type: ignore[arg-type]
+    else:
+        if output is None:
+            raise UsageError("name an output folder")
+        jobs = plan(inputs, output, recursive=recursive, ext=ext, suffix=suffix)  # type: ignore[arg-type]
+    remove_stale_temp_files(jobs)
 
     def run_one(image: imageio.Image) -> tuple[imageio.Image, list[str]]:
-        return model.restore_image(image, tile=tile, overlap=overlap, tiling=tiling), []
+        return model.restore_image(image, tile=tile, overlap=overlap, tiling=tiling)
 
-    return run_jobs(jobs, run_one, max_pixels=max_pixels)
+    return run_jobs(jobs, run_one, max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast,
+                    score=score)

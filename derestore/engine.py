@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -99,7 +100,6 @@ class Engine:
         if dev.type == "cpu":
             use_all_cores()
         descriptor.to(dev)
-        descriptor.to(dtype)
         descriptor.eval()
         return cls(descriptor=descriptor, device=dev, dtype=dtype, batch_size=batch_size)
 
@@ -113,35 +113,51 @@ class Engine:
         except ValueError as exc:
             raise UsageError(f"--tile {tile} --overlap {overlap}: {exc}") from None
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        out = self.descriptor(batch.to(self.device, self.dtype, non_blocking=True))
-        return out.float()
+    def _forward(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # Weights stay fp32 and half precision runs under autocast, which keeps the
+        # numerically touchy ops (norms, softmax, reductions) in fp32 and makes an
+        # fp32 retry of a bad half-precision result free.
+        dtype = dtype or self.dtype
+        batch = batch.to(self.device, torch.float32, non_blocking=True)
+        if dtype == torch.float32:
+            return self.descriptor(batch)
+        with torch.autocast(self.device.type, dtype=dtype):
+            return self.descriptor(batch).float()
 
     @torch.inference_mode()
     def restore(self, image: np.ndarray, *, tile: int = 0, overlap: int = 32,
-                window_fn: Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor] | None = None,
-                ) -> np.ndarray:
+                window_fn: Callable[..., torch.Tensor] | None = None,
+                dtype: torch.dtype | None = None) -> np.ndarray:
         """Restore one (3, H, W) float32 image in [0, 1]; returns (3, H, W) float32 in [0, 1].
 
         `window_fn` replaces blended tiling by an architecture's own published
-        window protocol (called with the model call, the padded image and `tile`).
+        window protocol (called with the model call, the image and `tile`);
+        `dtype` overrides the engine's precision for this call.
         """
         c, h, w = image.shape
         x = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
+        forward = functools.partial(self._forward, dtype=dtype)
         if window_fn is not None:
-            out = window_fn(self._forward, x.to(self.device, torch.float32), tile)
+            out = window_fn(forward, x.to(self.device), tile)
             return out.clamp_(0, 1)[0, :, :h, :w].cpu().numpy()
         plan = self.plan(h, w, tile, overlap)
         padded = reflect_pad(x, plan.padded_height, plan.padded_width)
         if not plan.tiled:
-            return self._forward(padded)[0, :, :h, :w].cpu().numpy()
+            return forward(padded)[0, :, :h, :w].cpu().numpy()
         result = torch.zeros((c, plan.padded_height, plan.padded_width), dtype=torch.float32, device=self.device)
         windows = list(enumerate(plan.windows))
         for start in range(0, len(windows), self.batch_size):
             group = windows[start:start + self.batch_size]
             batch = torch.cat([padded[..., win.y0:win.y1, win.x0:win.x1] for _, win in group])
-            outputs = self._forward(batch)
+            outputs = forward(batch)
             for (i, win), out in zip(group, outputs):
                 weight = torch.from_numpy(plan.weight(i)).to(self.device)
                 result[:, win.y0:win.y1, win.x0:win.x1].addcmul_(out, weight)
         return result[:, :h, :w].clamp_(0, 1).cpu().numpy()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (and CPU allocator) out-of-memory errors, which a smaller tile can avoid."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

@@ -306,9 +306,9 @@ def _box_downsample(a: np.ndarray, f: int) -> np.ndarray:
     """
     if f == 1:
         return a
-    before = (f + 1) // 2 - 1
+    before, after = (f + 1) // 2 - 1, f // 2
     rows, cols = -(-a.shape[0] // f), -(-a.shape[1] // f)
-    padded = np.pad(a, ((before, f * rows - a.shape[0] - before), (before, f * cols - a.shape[1] - before)), "symmetric")
+    padded = np.pad(a, ((before, after), (before, after)), "symmetric")[: f * rows, : f * cols]
     return padded.reshape(rows, f, cols, f).mean(axis=(1, 3))
 
 

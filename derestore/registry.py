@@ -48,6 +48,7 @@ class ModelRecord:
     paper: Paper | None = None
     notes: str = ""
     origin: str = ""  # which registry file defined it
+    git_blob_sha1: str | None = None  # content pin from a git history (sha1 of "blob <len>\0" + bytes)
 
     @property
     def file_name(self) -> str:
@@ -118,6 +119,11 @@ def _model_record(name: str, raw: dict[str, Any], origin: str) -> ModelRecord:
         sha = sha.lower()
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise UsageError(f"{where}: sha256 '{raw['sha256']}' is not 64 hex digits")
+    blob = raw.get("git_blob_sha1") or None
+    if blob is not None:
+        blob = blob.lower()
+        if len(blob) != 40 or any(c not in "0123456789abcdef" for c in blob):
+            raise UsageError(f"{where}: git_blob_sha1 '{raw['git_blob_sha1']}' is not 40 hex digits")
     paper = raw.get("paper")
     hints: dict[str, Any] = {}
     for key in _TILING_FIELDS:
@@ -143,6 +149,7 @@ def _model_record(name: str, raw: dict[str, Any], origin: str) -> ModelRecord:
         paper=Paper(**paper) if isinstance(paper, dict) else None,
         notes=raw.get("notes", ""),
         origin=origin,
+        git_blob_sha1=blob,
         **hints,
     )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from spandrel import MAIN_REGISTRY, ArchRegistry, ArchSupport
 
-from .derestormer import DeRestormerArch
+from .derestormer import DeRestormerArch, window_partition_inference
 from .drsformer import DRSformerArch
 from .dtpnet import DTPNetArch
 
@@ -19,10 +19,14 @@ REGISTRY.add(
     ArchSupport.from_architecture(DTPNetArch()),
 )
 
+# Architectures whose paper's test script runs fixed windows rather than the whole image
+# (`--tiling published`); the others are tested on the whole, padded image.
+PUBLISHED_WINDOWS = {"DeRestormer": window_partition_inference}
+
 
 def install() -> list[ArchSupport]:
     """Add derestore's architectures to spandrel's main registry; calling it again is harmless."""
     return MAIN_REGISTRY.add(*REGISTRY, ignore_duplicates=True)
 
 
-__all__ = ["REGISTRY", "install", "DeRestormerArch", "DRSformerArch", "DTPNetArch"]
+__all__ = ["PUBLISHED_WINDOWS", "REGISTRY", "install", "DeRestormerArch", "DRSformerArch", "DTPNetArch"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 
@@ -12,7 +14,7 @@ from .common import console, emit_json, exit_on_error
 
 TILING_HELP = (
     "How large images are split. [bold]blend[/]: derestore's tiles with overlap context and "
-    "feathered seams (exact for convolutional models). [bold]published[/]: the model's own paper "
+    "feathered seams (exact for convolutional models). [bold]published[/]: the paper's own test "
     "protocol, to reproduce its numbers (DeRestormer: square windows of --tile px; others: the whole image)."
 )
 TILE_HELP = (
@@ -22,17 +24,27 @@ TILE_HELP = (
 )
 
 
-def _summary_line(ok: int, failed: int, seconds: float, out: Path) -> str:
-    text = f"{ok} restored, {failed} failed in {seconds:.1f} s → {out}"
-    return f"[green]{text}[/]" if not failed else f"[yellow]{text}[/]"
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """A scheduler's SIGTERM stops the batch the same clean way as Ctrl-C."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callback
     def command(
-        inputs: List[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote globs).", show_default=False),
+        inputs: Optional[List[str]] = typer.Argument(None, help="Image files, folders or glob patterns (quote globs).",
+                                                     show_default=False),
         output: Path = typer.Option(Path("restored"), "-o", "--output",
                                     help="Output folder (created), or a file name when there is one input. Example: -o out/"),
         recursive: bool = typer.Option(False, "-r", "--recursive", help="Descend into sub-folders of folder inputs."),
+        from_list: Optional[str] = typer.Option(None, "--from-list",
+                                                help="Also read input paths from this file, one per line ('-' = stdin)."),
+        keep_tree: bool = typer.Option(False, "--keep-tree",
+                                       help="Mirror the input folders under the output folder (avoids name clashes)."),
         model: Optional[str] = typer.Option(None, "-m", "--model",
                                             help=f"Registry model name (see `derestore models`). Default: {task.default}."),
         weights: Optional[Path] = typer.Option(None, "--weights",
@@ -47,43 +59,87 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                                       help="auto | fp32 | fp16 | bf16. auto: fp32 on CPU; on GPU a half type only where the architecture is known to be accurate in it."),
         ext: Optional[str] = typer.Option(None, "--ext", help="Output format (png, jpg, webp, tif, bmp). Default: the input's format."),
         suffix: str = typer.Option("", "--suffix", help="Appended to each output's stem. Example: --suffix _derained"),
+        skip_existing: bool = typer.Option(False, "--skip-existing",
+                                           help="Skip inputs whose output already exists (resume an interrupted batch)."),
+        shard: Optional[str] = typer.Option(None, "--shard",
+                                            help="Process only part K of N of the sorted inputs, K from 0. Example: --shard $SLURM_ARRAY_TASK_ID/8"),
+        fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first input that fails."),
+        max_pixels: Optional[int] = typer.Option(None, "--max-pixels",
+                                                 help="Refuse larger images (decompression-bomb guard; 0 = no limit)."),
         json_out: bool = typer.Option(False, "--json", help="One JSON object per image on stdout, then a summary object."),
         quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
     ) -> None:
         import time
 
-        from .. import api
+        from .. import __version__, api, imageio
+        from ..pipeline import manifest_path, write_manifest
 
+        counts = {"ok": 0, "skipped": 0, "failed": 0}
+        interrupted = False
+        started = time.perf_counter()
         with exit_on_error():
-            started = time.perf_counter()
+            if max_pixels is not None and max_pixels < 0:
+                from ..errors import UsageError
+
+                raise UsageError(f"--max-pixels {max_pixels}: must be 0 (no limit) or positive")
+            api.check_tiling(tile, overlap, tiling)
+            jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
+                            from_list=from_list, shard=shard)
             loaded = api.load(task=task.name, model=model, weights=weights, device=device,
                               precision=precision, batch_size=batch_size)
             if not quiet:
-                console.print(f"model {loaded.name} ({loaded.arch}) on {loaded.engine.device} in {loaded.engine.precision}")
-            results = api.restore(inputs, output, model=loaded, recursive=recursive, ext=ext, suffix=suffix,
-                                  tile=tile, overlap=overlap, tiling=tiling)
-            ok = failed = 0
-            for result in results:
-                if result.status == "ok":
-                    ok += 1
-                    if not quiet and not json_out:
-                        console.print(f"{result.input} → {result.output} ({result.seconds:.2f} s)")
-                else:
-                    failed += 1
-                    console.print(f"[red]failed:[/] {result.error}")
-                for note in result.notes:
-                    console.print(f"[yellow]note:[/] {result.input}: {note}")
-                if json_out:
-                    record = result.record()
-                    record.update(model=loaded.name, sha256=loaded.sha256)
-                    emit_json(record)
+                console.print(f"model {loaded.name} ({loaded.arch}) on {loaded.engine.device} "
+                              f"in {loaded.engine.precision}; {len(jobs)} input(s)")
+            limit = imageio.DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)
+            results = api.restore(jobs, model=loaded, tile=tile, overlap=overlap, tiling=tiling, max_pixels=limit,
+                                  skip_existing=skip_existing, fail_fast=fail_fast)
+            try:
+                with sigterm_as_interrupt():
+                    for result in results:
+                        counts[result.status] += 1
+                        if result.status == "failed":
+                            console.print(f"[red]failed:[/] {result.error}")
+                        elif not quiet and not json_out:
+                            verb = "skipped (exists)" if result.status == "skipped" else f"({result.seconds:.2f} s)"
+                            console.print(f"{result.input} → {result.output} {verb}")
+                        for note in result.notes:
+                            console.print(f"[yellow]note:[/] {note}")
+                        if json_out:
+                            record = result.record()
+                            record.update(model=loaded.name, sha256=loaded.sha256)
+                            emit_json(record)
+            except KeyboardInterrupt:
+                interrupted = True
             elapsed = time.perf_counter() - started
+            summary = {**counts, "total": len(jobs), "seconds": round(elapsed, 3), "model": loaded.name,
+                       "interrupted": interrupted}
+            write_manifest(manifest_path(output, shard), {
+                "version": __version__,
+                "task": task.name,
+                "model": loaded.name,
+                "arch": loaded.arch,
+                "checkpoint": str(loaded.checkpoint),
+                "sha256": loaded.sha256,
+                "device": str(loaded.engine.device),
+                "precision": loaded.engine.precision,
+                "options": {"tile": tile if tile is not None else loaded.tile,
+                            "overlap": overlap if overlap is not None else loaded.overlap,
+                            "tiling": tiling, "batch_size": batch_size, "ext": ext, "suffix": suffix,
+                            "keep_tree": keep_tree, "skip_existing": skip_existing, "shard": shard,
+                            "max_pixels": limit},
+                "counts": summary,
+            })
             if json_out:
-                emit_json({"summary": {"ok": ok, "failed": failed, "total": ok + failed,
-                                       "seconds": round(elapsed, 3), "model": loaded.name}})
+                emit_json({"summary": summary})
+            if interrupted:
+                console.print(f"[yellow]interrupted:[/] {counts['ok']} done, "
+                              f"{len(jobs) - sum(counts.values())} not started; rerun with --skip-existing to finish")
+                raise typer.Exit(130)
             if not quiet:
-                console.print(_summary_line(ok, failed, elapsed, output))
-        if failed:
+                colour = "yellow" if counts["failed"] else "green"
+                console.print(f"[{colour}]{counts['ok']} restored, {counts['skipped']} skipped, "
+                              f"{counts['failed']} failed in {elapsed:.1f} s → {output}[/]")
+        if counts["failed"]:
             raise typer.Exit(1)
 
     command.__doc__ = (
@@ -95,7 +151,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
 
 def register(app: typer.Typer, tasks: list[TaskRecord]) -> None:
     for task in tasks:
-        app.command(name=task.name, help=None)(make_task_command(task))
+        app.command(name=task.name)(make_task_command(task))
 
 
 def task_records() -> list[TaskRecord]:

@@ -1,0 +1,141 @@
+"""Speed of `derestore eval` against BasicSR's psnr_ssim.py on 100 pairs of 1024x768 (not a test).
+
+BasicSR is run from its own, unmodified source: install it without its heavy
+dependencies into a throwaway venv and point --basicsr at the package folder:
+
+    python3 -m venv /tmp/bsr && /tmp/bsr/bin/pip install --no-deps basicsr==1.4.2
+    .venv/bin/python benchmarks/metrics_speed.py --basicsr /tmp/bsr/lib/python3.11/site-packages/basicsr
+
+Both sides are timed end to end (read both PNGs, score, mean) and on preloaded
+arrays (scoring only). BasicSR's routes: `test_y_channel=True` (Y, the route
+deraining repositories use) against derestore's `restormer`, and the RGB route
+against derestore's `rgb` (the same definition, so the means must agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from derestore import metrics
+from derestore.evaluate import default_workers, evaluate, pair_paths
+
+
+def make_pairs(folder: Path, count: int, height: int, width: int) -> tuple[Path, Path]:
+    """Smooth random scenes (GT) and noisy, slightly blurred predictions, as 8-bit RGB PNGs."""
+    gt_dir, pred_dir = folder / "gt", folder / "pred"
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = cv2.resize(rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8), (width, height),
+                          interpolation=cv2.INTER_CUBIC)
+        pred = cv2.GaussianBlur(base, (0, 0), 0.8).astype(np.float32) + rng.normal(0, 4, base.shape)
+        cv2.imwrite(str(gt_dir / f"{i:04d}.png"), base)
+        cv2.imwrite(str(pred_dir / f"{i:04d}.png"), np.clip(pred, 0, 255).astype(np.uint8))
+    return gt_dir, pred_dir
+
+
+def load_basicsr(package: Path) -> types.ModuleType:
+    """basicsr/metrics/psnr_ssim.py without importing the rest of basicsr (its models, data, lmdb...)."""
+
+    def load(name: str, path: Path) -> types.ModuleType:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    for name, folder in (("basicsr", package), ("basicsr.utils", package / "utils"), ("basicsr.metrics", package / "metrics")):
+        stub = types.ModuleType(name)
+        stub.__path__ = [str(folder)]
+        sys.modules[name] = stub
+    color = load("basicsr.utils.color_util", package / "utils" / "color_util.py")
+    sys.modules["basicsr.utils"].bgr2ycbcr = color.bgr2ycbcr
+    load("basicsr.utils.registry", package / "utils" / "registry.py")
+    load("basicsr.metrics.metric_util", package / "metrics" / "metric_util.py")
+    return load("basicsr.metrics.psnr_ssim", package / "metrics" / "psnr_ssim.py")
+
+
+def time_derestore(gt: Path, pred: Path, protocol: str, workers: int) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    summary = evaluate(pair_paths(gt, pred), protocol=protocol, workers=workers)
+    return time.perf_counter() - start, summary.means.psnr, summary.means.ssim
+
+
+def time_basicsr(bsr: types.ModuleType, gt: Path, pred: Path, y_channel: bool) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    psnrs, ssims = [], []
+    for g in sorted(gt.glob("*.png")):
+        a, b = cv2.imread(str(g), cv2.IMREAD_UNCHANGED), cv2.imread(str(pred / g.name), cv2.IMREAD_UNCHANGED)
+        psnrs.append(bsr.calculate_psnr(b, a, crop_border=0, test_y_channel=y_channel))
+        ssims.append(bsr.calculate_ssim(b, a, crop_border=0, test_y_channel=y_channel))
+    return time.perf_counter() - start, float(np.mean(psnrs)), float(np.mean(ssims))
+
+
+def time_scoring_only(arrays: list[tuple[np.ndarray, np.ndarray]], fn) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    for a, b in arrays:
+        fn(a, b)
+    return (time.perf_counter() - start) / len(arrays)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--basicsr", type=Path, help="path to the basicsr package folder (see above)")
+    parser.add_argument("--data", type=Path, help="folder for the generated pairs (default: a temp folder)")
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=default_workers())
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.data or Path(tmp)
+        gt, pred = folder / "gt", folder / "pred"
+        if not (gt.is_dir() and len(list(gt.glob("*.png"))) == args.count):
+            print(f"writing {args.count} pairs of 1024x768 to {folder} ...", file=sys.stderr)
+            gt, pred = make_pairs(folder, args.count, 768, 1024)
+        print(f"{args.count} pairs of 1024x768 RGB, {cv2.getNumThreads()} OpenCV threads, "
+              f"derestore workers: {args.workers}")
+        print(f"{'route':44s} {'seconds':>8s} {'mean PSNR':>12s} {'mean SSIM':>10s}")
+        rows = {}
+        for protocol in ("restormer", "rgb", "rcdnet", "gopro"):
+            rows[protocol] = time_derestore(gt, pred, protocol, args.workers)
+            print(f"{'derestore --protocol ' + protocol:44s} {rows[protocol][0]:8.2f} "
+                  f"{rows[protocol][1]:12.6f} {rows[protocol][2]:10.6f}")
+        one = time_derestore(gt, pred, "restormer", 1)
+        print(f"{'derestore --protocol restormer --workers 1':44s} {one[0]:8.2f} {one[1]:12.6f} {one[2]:10.6f}")
+        if args.basicsr is None:
+            print("BasicSR not timed: pass --basicsr PATH (see --help)")
+            return
+        bsr = load_basicsr(args.basicsr)
+        y = time_basicsr(bsr, gt, pred, True)
+        rgb = time_basicsr(bsr, gt, pred, False)
+        print(f"{'BasicSR calculate_psnr/ssim, test_y_channel':44s} {y[0]:8.2f} {y[1]:12.6f} {y[2]:10.6f}")
+        print(f"{'BasicSR calculate_psnr/ssim, RGB':44s} {rgb[0]:8.2f} {rgb[1]:12.6f} {rgb[2]:10.6f}")
+        print(f"speed-up end to end: restormer vs BasicSR Y {y[0] / rows['restormer'][0]:.1f}x, "
+              f"rgb vs BasicSR RGB {rgb[0] / rows['rgb'][0]:.1f}x")
+        print(f"rgb vs BasicSR RGB (same definition): |dPSNR| {abs(rgb[1] - rows['rgb'][1]):.1e} dB, "
+              f"|dSSIM| {abs(rgb[2] - rows['rgb'][2]):.1e}")
+
+        # Scoring only, one pair at a time, arrays already in memory.
+        arrays = []
+        for g in sorted(gt.glob("*.png"))[:10]:
+            arrays.append((cv2.imread(str(g)), cv2.imread(str(pred / g.name))))
+        rgb_arrays = [(np.ascontiguousarray(a[:, :, ::-1]), np.ascontiguousarray(b[:, :, ::-1])) for a, b in arrays]
+        ours = time_scoring_only(rgb_arrays, lambda a, b: metrics.score(a, b, protocol="restormer"))
+        theirs = time_scoring_only(arrays, lambda a, b: (bsr.calculate_psnr(b, a, 0, test_y_channel=True),
+                                                         bsr.calculate_ssim(b, a, 0, test_y_channel=True)))
+        print(f"per pair, scoring only, one pair at a time: derestore restormer {ours * 1000:.0f} ms, "
+              f"BasicSR Y {theirs * 1000:.0f} ms ({theirs / ours:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""`derestore eval`: PSNR/SSIM of predictions against ground truths, as the papers compute them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+
+from .common import console, emit_json, exit_on_error
+
+if TYPE_CHECKING:
+    from ..evaluate import PairResult, Summary
+
+# Kept here, not imported from derestore.metrics, so that `derestore --help`
+# does not pay for numpy and OpenCV; tests check the names agree.
+PROTOCOL_NAMES = ("restormer", "rcdnet", "gopro", "rgb")
+PROTOCOL_HELP = (
+    "Which paper's evaluation script to reproduce. [bold]restormer[/]: rounded Y, Wang SSIM "
+    "(Rain100/Rain200/SPA-Data/Test1200/Test2800; Restormer, MPRNet, DRSformer, DeRestormer). "
+    "[bold]rcdnet[/]: unrounded Y, SSIM with downsampling (DID-Data, DDN-Data). "
+    "[bold]gopro[/]: MATLAB psnr/ssim on RGB (GoPro, HIDE deblurring). "
+    "[bold]rgb[/]: plain PSNR/SSIM on all channels."
+)
+MATCH_HELP = (
+    "Regular expression searched in each file stem (both sides); the pairing key is its 'key' group, "
+    "else its first group, else the whole match; stems it does not match keep their name. "
+    "Example for Rain200H's norain-1x2.png ↔ norain-1.png: --match '(norain-\\d+)'"
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="eval")(eval_command)
+
+
+def eval_command(
+    gt: Path = typer.Option(..., "--gt", help="Ground-truth folder (or one image).", show_default=False),
+    pred: Path = typer.Option(..., "--pred", help="Prediction folder (or one image).", show_default=False),
+    protocol: str = typer.Option("restormer", "--protocol", "-p", help=PROTOCOL_HELP),
+    crop_border: int = typer.Option(0, "--crop-border", min=0, help="Pixels cut from every side before scoring."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per pair on stdout, then the means."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write per-image values to this CSV file.",
+                                            show_default=False),
+    per_image: bool = typer.Option(False, "--per-image", help="List every pair in the table, not only the means."),
+    report_path: Optional[Path] = typer.Option(None, "--report",
+                                               help="Write a self-contained HTML report. Example: --report eval.html",
+                                               show_default=False),
+    match: Optional[str] = typer.Option(None, "--match", help=MATCH_HELP, show_default=False),
+    workers: int = typer.Option(0, "--workers", min=0, help="Pairs scored at once; 0 = one per CPU core."),
+) -> None:
+    """Score predictions against ground truths with PSNR and SSIM, exactly as the papers' MATLAB scripts do.
+
+    Files pair by name (stem; extensions may differ). Unmatched files, unreadable files and size
+    mismatches are listed and make the exit code 1; the other pairs are still scored.
+
+    Example: derestore eval --gt Rain100L/target --pred restored/ --protocol restormer --per-image
+    """
+    with exit_on_error():
+        summary = _run(gt, pred, protocol, crop_border, json_out, csv_path, per_image, report_path, match, workers)
+    raise typer.Exit(summary.exit_code)
+
+
+def _run(
+    gt: Path,
+    pred: Path,
+    protocol: str,
+    crop_border: int,
+    json_out: bool,
+    csv_path: Path | None,
+    per_image: bool,
+    report_path: Path | None,
+    match: str | None,
+    workers: int,
+) -> Summary:
+    from ..errors import UsageError
+    from ..evaluate import evaluate, pair_paths
+    from ..metrics import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol {protocol!r} is unknown; choose one of: {', '.join(PROTOCOLS)}")
+    for option, path in (("--csv", csv_path), ("--report", report_path)):
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"{option} {path}: folder {path.parent} does not exist; create it first")
+    pairing = pair_paths(gt, pred, match=match)
+    for path in pairing.unmatched_gt:
+        console.print(f"[red]unmatched:[/] no prediction for {path}", soft_wrap=True)
+    for path in pairing.unmatched_pred:
+        console.print(f"[red]unmatched:[/] no ground truth for {path}", soft_wrap=True)
+    for message in pairing.ambiguous:
+        console.print(f"[red]ambiguous:[/] {message}", soft_wrap=True)
+
+    def on_result(result: PairResult) -> None:
+        if result.error is not None:
+            console.print(f"[red]failed:[/] {result.error}", soft_wrap=True)
+        elif result.score is not None:
+            for note in result.score.warnings:
+                console.print(f"[yellow]warning:[/] {result.pair.name}: {note}", soft_wrap=True)
+        if json_out:
+            emit_json(result.record())
+
+    summary = evaluate(pairing, protocol=protocol, crop_border=crop_border, workers=workers or None,
+                       on_result=on_result)
+    for note in summary.warnings:
+        console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+    if json_out:
+        emit_json(summary.record())
+    else:
+        _print_table(summary, per_image)
+    if csv_path is not None:
+        _write_csv(summary, csv_path)
+    if report_path is not None:
+        from ..report import write_report
+
+        write_report(summary, report_path)
+        console.print(f"report written to {report_path}")
+    return summary
+
+
+def _print_table(summary: Summary, per_image: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"protocol {summary.protocol}, crop border {summary.crop_border}")
+    table.add_column("image")
+    table.add_column("PSNR (dB)", justify="right")
+    table.add_column("SSIM", justify="right")
+    if per_image:
+        for r in summary.results:
+            if r.score is None:
+                table.add_row(r.pair.name, "[red]failed[/]", "")
+            else:
+                table.add_row(r.pair.name, _number(r.score.psnr, 4), _number(r.score.ssim, 4))
+        table.add_section()
+    means = summary.means
+    # Six decimals: what the MATLAB scripts print (%f), so papers' numbers can be compared digit by digit.
+    table.add_row(f"[bold]mean of {means.count}[/]", _number(means.psnr, 6), _number(means.ssim, 6))
+    console.print(table)
+
+
+def _number(value: float | None, digits: int) -> str:
+    if value is None or value != value:  # missing or nan
+        return "–"
+    if value == float("inf"):
+        return "inf (identical)"
+    return f"{value:.{digits}f}"
+
+
+def _write_csv(summary: Summary, path: Path) -> None:
+    """Per-image rows; `inf` marks an identical pair, an empty cell a missing value."""
+    import csv
+    import io
+    import os
+    import tempfile
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["name", "gt", "pred", "psnr", "ssim", "identical", "error"])
+    for r in summary.results:
+        s = r.score
+        writer.writerow([
+            r.pair.name, r.pair.gt, r.pair.pred,
+            "" if s is None else repr(s.psnr),
+            "" if s is None or s.ssim != s.ssim else repr(s.ssim),
+            "" if s is None else str(s.identical).lower(),
+            r.error or "",
+        ])
+    # Never a half-written file: temp name in the same folder, then rename.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

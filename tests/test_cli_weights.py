@@ -1,0 +1,223 @@
+"""`derestore models` and `derestore weights …` as a user runs them: output, cache contents, exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from derestore.cli.weights_cmd import register
+from derestore.errors import ModelUnavailable
+from tests.httpserver_util import FaultServer
+
+PAYLOAD = b"checkpoint bytes " * 5000
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """derestore"""
+
+    register(app)
+    return app
+
+
+APP = make_app()
+
+
+@pytest.fixture
+def server():
+    with FaultServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, server):
+    """Run the CLI against a user registry whose models live on the local server."""
+    url = server.add("/w/toy.pth", PAYLOAD)
+    server.add("/w/free.pth", PAYLOAD)
+    registry = tmp_path / "my.toml"
+    registry.write_text(
+        f"""
+[models.toy-pinned]
+task = "derain"
+arch = "Toy"
+dataset = "Toyset"
+sources = ["{url}"]
+filename = "toy.pth"
+sha256 = "{DIGEST}"
+license = "MIT"
+
+[models.toy-free]
+task = "derain"
+arch = "Toy"
+sources = ["{server.url('/w/free.pth')}"]
+filename = "free.pth"
+
+[models.toy-gone]
+task = "derain"
+arch = "Toy"
+sources = ["{server.url('/missing.pth')}"]
+"""
+    )
+    monkeypatch.setenv("DERESTORE_REGISTRY", str(registry))
+    monkeypatch.setenv("DERESTORE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("DERESTORE_BACKOFF", "0.01")
+    monkeypatch.setenv("DERESTORE_RETRIES", "1")
+    for name in ("DERESTORE_OFFLINE", "DERESTORE_MIRROR", "DERESTORE_GDRIVE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(APP, list(args))
+
+    return run
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_models_json_lists_every_record_honestly(cli):
+    result = cli("models", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json_lines(result.stdout)}
+    assert rows["toy-pinned"]["pinned"] is True and rows["toy-pinned"]["cached"] is False
+    assert rows["toy-free"]["pinned"] is False and rows["toy-free"]["sha256"] is None
+    # the built-in registry is listed too, with what a user must do for each entry
+    assert rows["restormer-derain"]["default"] is True and rows["restormer-derain"]["download"] == "automatic"
+    assert rows["derestormer-snow100k"]["download"] == "manual import"
+    assert rows["derestormer-snow100k"]["manual_code"] == "t6w4"
+    assert rows["dtpnet-derain"]["download"] == "import only"
+    assert rows["mixdehazenet-b-indoor"]["download"] == "automatic (Google Drive)"
+    derestormers = [r for r in rows.values() if r["arch"] == "DeRestormer"]
+    assert len(derestormers) == 13 and {r["download"] for r in derestormers} == {"manual import"}
+    for task in ("derain", "desnow", "dehaze", "deblur", "denoise"):
+        assert sum(r["default"] for r in rows.values() if r["task"] == task) == 1
+
+
+def test_models_reports_cache_state_after_download(cli):
+    assert cli("weights", "download", "toy-free").exit_code == 0
+    rows = {r["name"]: r for r in json_lines(cli("models", "--json", "--task", "derain").stdout)}
+    assert {r["task"] for r in rows.values()} == {"derain"}
+    assert rows["toy-free"]["cached"] is True and rows["toy-free"]["pinned"] is False
+    assert rows["toy-free"]["sha256"] == DIGEST and rows["toy-free"]["size"] == len(PAYLOAD)
+
+
+def test_models_table(cli):
+    result = cli("models", "--task", "derain")
+    assert result.exit_code == 0
+    assert "toy-pinned" in result.stdout and "derestormer-rain200h" in result.stdout
+    assert "manual import" in result.stdout and "nafnet-sidd-w64" not in result.stdout
+    assert cli("models", "--task", "nope").exit_code == 2
+
+
+def test_download_path_verify_rm(cli, tmp_path, server):
+    result = cli("weights", "download", "toy-pinned")
+    assert result.exit_code == 0, result.output
+    path = Path(result.stdout.strip())
+    assert path == tmp_path / "cache" / "checkpoints" / "toy-pinned" / "toy.pth"
+    assert path.read_bytes() == PAYLOAD
+
+    assert cli("weights", "download", "toy-pinned").exit_code == 0
+    assert server.full_transfers("/w/toy.pth") == 1
+    assert cli("weights", "path", "toy-pinned").stdout.strip() == str(path)
+
+    result = cli("weights", "verify", "--json")
+    assert result.exit_code == 0
+    assert json_lines(result.stdout) == [
+        {"name": "toy-pinned", "status": "ok", "path": str(path), "expected": DIGEST, "actual": DIGEST}
+    ]
+
+    assert cli("weights", "rm", "toy-pinned").exit_code == 0
+    assert not path.parent.exists()
+    result = cli("weights", "path", "toy-pinned")
+    assert result.exit_code == 3 and "not in the cache" in result.output
+
+
+def test_verify_finds_corruption(cli):
+    path = Path(cli("weights", "download", "toy-pinned").stdout.strip())
+    path.write_bytes(b"rotten")
+    result = cli("weights", "verify", "toy-pinned")
+    assert result.exit_code == 3 and "corrupt" in result.output and DIGEST in result.output
+    assert not path.exists()
+
+
+def test_download_failure_is_exit_3_and_others_still_download(cli):
+    result = cli("weights", "download", "toy-gone", "toy-free", "--json")
+    assert result.exit_code == 3
+    rows = json_lines(result.stdout)
+    assert [(r["name"], r["status"]) for r in rows] == [("toy-gone", "failed"), ("toy-free", "ok")]
+    assert "HTTP 404" in rows[0]["error"]
+
+
+def test_unknown_name_is_exit_2(cli, server):
+    result = cli("weights", "download", "toy-free", "no-such-model")
+    assert result.exit_code == 2 and "unknown model 'no-such-model'" in result.output
+    assert server.hits == []  # names are checked before anything is fetched
+
+
+def test_manual_only_model_prints_share_code_and_import_command(cli):
+    result = cli("weights", "download", "derestormer-snow100k")
+    assert result.exit_code == 3
+    text = " ".join(result.output.split())
+    assert "https://pan.baidu.com/s/16BLNtCYDTRcOQpZpTosrAQ?pwd=t6w4" in text
+    assert "extraction code t6w4" in text
+    assert "derestore weights import derestormer-snow100k FILE" in text
+
+
+def test_offline_download_is_exit_3_without_requests(cli, server, monkeypatch):
+    monkeypatch.setenv("DERESTORE_OFFLINE", "1")
+    result = cli("weights", "download", "toy-pinned")
+    assert result.exit_code == 3 and "DERESTORE_OFFLINE=1" in result.output
+    assert server.hits == []
+
+
+def test_import_pinned(cli, tmp_path):
+    good = tmp_path / "from-browser.bin"
+    good.write_bytes(PAYLOAD)
+    result = cli("weights", "import", "toy-pinned", str(good))
+    assert result.exit_code == 0, result.output
+    assert Path(result.stdout.strip()).read_bytes() == PAYLOAD
+
+    bad = tmp_path / "other.bin"
+    bad.write_bytes(b"other")
+    result = cli("weights", "import", "toy-pinned", str(bad))
+    assert result.exit_code == 3
+    assert DIGEST in result.output and hashlib.sha256(b"other").hexdigest() in result.output
+
+
+def test_import_unpinned_asks_the_loader(cli, tmp_path, monkeypatch):
+    calls: list[tuple[Path, str]] = []
+
+    def check_loads(path: Path, *, arch: str) -> None:
+        calls.append((path, arch))
+        if path.read_bytes() != PAYLOAD:
+            raise ModelUnavailable(f"{path} does not load as {arch}")
+
+    monkeypatch.setitem(sys.modules, "derestore.loading", types.SimpleNamespace(check_loads=check_loads))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk")
+    result = cli("weights", "import", "toy-free", str(junk))
+    assert result.exit_code == 3 and "does not load as Toy" in result.output
+    assert cli("weights", "path", "toy-free").exit_code == 3
+
+    good = tmp_path / "good.pth"
+    good.write_bytes(PAYLOAD)
+    assert cli("weights", "import", "toy-free", str(good)).exit_code == 0
+    assert calls == [(junk, "Toy"), (good, "Toy")]
+    assert cli("weights", "path", "toy-free").exit_code == 0
+
+
+def test_import_missing_file_is_exit_2(cli, tmp_path):
+    result = cli("weights", "import", "toy-pinned", str(tmp_path / "nope.pth"))
+    assert result.exit_code == 2 and "no such file" in result.output
