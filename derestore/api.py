@@ -24,6 +24,7 @@ from .registry import ModelRecord, Registry, load_registry
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .evaluate import RunningMeans
 
 TILINGS = ("blend", "published")
 DEFAULT_TILE = 512
@@ -241,3 +242,44 @@ def restore(inputs: list[str] | str | list[Job], output: str | Path | None = Non
 
     return run_jobs(jobs, run_one, max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast,
                     score=score)
+
+
+@dataclass
+class GroundTruth:
+    """Scores each output as it is written against the same-stem file in a ground-truth folder."""
+
+    folder: Path
+    protocol: str = "restormer"
+    crop_border: int = 0
+    by_stem: dict[str, Path] = field(default_factory=dict)
+    means: RunningMeans | None = None
+    unmatched: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, folder: str | Path, protocol: str = "restormer", crop_border: int = 0) -> GroundTruth:
+        from .evaluate import RunningMeans
+        from .metrics import PROTOCOLS
+
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise UsageError(f"--gt {folder}: not a folder; give the folder of ground-truth images")
+        if protocol not in PROTOCOLS:
+            raise UsageError(f"--protocol '{protocol}' is not one of {', '.join(PROTOCOLS)}")
+        if crop_border < 0:
+            raise UsageError(f"--crop-border {crop_border}: must not be negative")
+        by_stem = {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and imageio.is_image_path(p)}
+        return cls(folder, protocol, crop_border, by_stem, RunningMeans())
+
+    def __call__(self, job: Job, restored: imageio.Image) -> dict[str, object]:
+        from .evaluate import score_output
+
+        gt = self.by_stem.get(job.input.stem)
+        if gt is None:
+            self.unmatched.append(job.input)
+            return {"gt": None, "psnr": None, "ssim": None}
+        pixels = restored.pixels[..., 0] if restored.is_gray else restored.pixels
+        score = score_output(pixels, gt, protocol=self.protocol, crop_border=self.crop_border)
+        assert self.means is not None
+        self.means.add(score)
+        return {"gt": str(gt), "psnr": score.psnr if score.psnr != float("inf") else None,
+                "ssim": score.ssim, "identical": score.identical}

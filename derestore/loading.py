@@ -40,7 +40,13 @@ class LoadedModel:
 
 def install_architectures() -> None:
     """Make spandrel know spandrel_extra_arches' and derestore's own architectures (idempotent)."""
-    import spandrel_extra_arches
+    import warnings
+
+    with warnings.catch_warnings():
+        # spandrel_extra_arches scripts a helper with torch.jit at import, which torch now
+        # deprecates; the notice means nothing to a derestore user.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        import spandrel_extra_arches
 
     from . import archs
 

@@ -357,6 +357,23 @@ def test_lowercase_or_missing_identity_is_accepted(registry):
             assert torch.allclose(loaded.model(x), expected, atol=1e-5)
 
 
+def test_fused_inference_form_is_accepted(registry):
+    # The published `inference=True` network stores each DO-Conv as one 4-D `W` kernel.
+    state_dict = tiny_state_dict(**TINY)
+    model = DeRestormer(**TINY)
+    model.load_state_dict(state_dict)
+    fold_do_convs(model)
+    folded = model.state_dict()
+    fused = {k: (folded[k[:-2] + ".weight"] if k.endswith(".W") else v)
+             for k, v in state_dict.items() if not k.endswith((".D", ".D_diag"))}
+    assert fused["SCM1.main.0.main.0.W"].shape == (16, 3, 3, 3)
+    loaded = spandrel.ModelLoader().load_from_state_dict(fused)
+    assert loaded.architecture.id == "DeRestormer"
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), training_form_output(state_dict, x, **TINY), atol=1e-5)
+
+
 def test_inconsistent_feed_forward_widths_are_refused():
     state_dict = dict(tiny_state_dict(**TINY))
     state_dict["Encoder.1.layers.1.ffn.project_out.weight"] = torch.zeros(32, 70, 1, 1)

@@ -224,8 +224,8 @@ def _wait_for_outputs(folder: Path, count: int, proc: subprocess.Popen, timeout:
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
 def test_interrupt_finishes_cleanly_with_130(tmp_path, sig, code):
-    ckpt = save_checkpoint(tmp_path / "slow.pth", dncnn_state(nc=32, nb=12), "params")
-    write_images(tmp_path / "in", 40, size=160)
+    ckpt = save_checkpoint(tmp_path / "slow.pth", dncnn_state(nc=16, nb=8), "params")
+    write_images(tmp_path / "in", 40, size=96)
     out = tmp_path / "out"
     proc = subprocess.Popen(_cli("derain", str(tmp_path / "in"), "-o", str(out), "--weights", str(ckpt), "--tile", "0"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -241,8 +241,8 @@ def test_interrupt_finishes_cleanly_with_130(tmp_path, sig, code):
 
 
 def test_sigkill_then_skip_existing_completes_the_set(tmp_path):
-    ckpt = save_checkpoint(tmp_path / "slow.pth", dncnn_state(nc=32, nb=12), "params")
-    write_images(tmp_path / "in", 30, size=160)
+    ckpt = save_checkpoint(tmp_path / "slow.pth", dncnn_state(nc=16, nb=8), "params")
+    write_images(tmp_path / "in", 30, size=96)
     out = tmp_path / "out"
     proc = subprocess.Popen(_cli("derain", str(tmp_path / "in"), "-o", str(out), "--weights", str(ckpt), "--tile", "0"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

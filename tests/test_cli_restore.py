@@ -196,3 +196,28 @@ def test_help_lists_tasks_and_explains_options():
     for opt in ("--tile", "--overlap", "--batch-size", "--device", "--precision", "--weights", "--suffix", "--ext",
                 "Example"):
         assert opt in sub.stdout
+
+
+def test_gt_scores_each_output_on_the_fly(tmp_path, ckpt, mixed_dir):
+    from derestore.metrics import score
+
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for name in ("rgb", "deep"):
+        (gt / f"{name}.png").write_bytes((mixed_dir / f"{name}.png").read_bytes())
+    out = tmp_path / "out"
+    res = invoke("derain", mixed_dir / "rgb.png", mixed_dir / "deep.png", mixed_dir / "gray.png", "-o", out,
+                 "--weights", ckpt, "--gt", gt, "--protocol", "rgb", "--json")
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    by_name = {Path(r["input"]).name: r for r in records[:-1]}
+    expected = score(read_any(gt / "rgb.png")[..., ::-1], read_any(out / "rgb.png")[..., ::-1], protocol="rgb")
+    assert by_name["rgb.png"]["psnr"] == pytest.approx(expected.psnr, abs=1e-9)
+    assert by_name["rgb.png"]["ssim"] == pytest.approx(expected.ssim, abs=1e-9)
+    assert by_name["gray.png"]["gt"] is None
+    summary = records[-1]["summary"]["metrics"]
+    assert summary["count"] == 2 and summary["protocol"] == "rgb"
+    assert summary["mean"]["psnr"] == pytest.approx((by_name["rgb.png"]["psnr"] + by_name["deep.png"]["psnr"]) / 2)
+    assert "no ground truth" in res.stderr
+    bad = invoke("derain", mixed_dir / "rgb.png", "-o", out, "--weights", ckpt, "--gt", tmp_path / "nope")
+    assert bad.exit_code == 2

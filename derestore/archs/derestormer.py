@@ -49,6 +49,11 @@ DEFAULT_TILE = 256
 """Window size of the published test protocol (and the tile size to use by default)."""
 
 
+def full_precision(dtype: torch.dtype) -> torch.dtype:
+    """`dtype` if it is fp32 or fp64, else fp32: for the ops that need it (FFT, sampling, deform conv)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 # --------------------------------------------------------------------------- DO-Conv
 
 
@@ -148,9 +153,10 @@ class FFTResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        # FFTs run in fp32: CPU has no half/bfloat16 FFT and CUDA only for power-of-two sizes.
-        y = torch.fft.rfft2(x.float(), norm="backward")
-        y = self.main_fft(torch.cat([y.real, y.imag], dim=1).to(x.dtype)).float()
+        # FFTs run in fp32 at least: CPU has no half/bfloat16 FFT, CUDA only for power-of-two sizes.
+        exact = full_precision(x.dtype)
+        y = torch.fft.rfft2(x.to(exact), norm="backward")
+        y = self.main_fft(torch.cat([y.real, y.imag], dim=1).to(x.dtype)).to(exact)
         real, imag = y.chunk(2, dim=1)
         y = torch.fft.irfft2(torch.complex(real, imag), s=(h, w), norm="backward")
         return self.main(x) + x + y.to(x.dtype)
@@ -170,15 +176,17 @@ def attention_sampling_grid(offsets: torch.Tensor, heads: int) -> torch.Tensor:
 
     The base grid is (row, col) but grid_sample reads (x, y): output (i, j) of
     a head samples column `i + ox/W` and row `j + oy/H`, i.e. the transposed
-    position plus a small offset. Computed in fp32 whatever the input dtype.
+    position plus a small offset of order 1/W pixel. Computed in fp32 at least:
+    in fp16 (bf16) a coordinate near 255 has a resolution of 1/8 (1) pixel,
+    which would erase the offset.
     """
     b, _, h, w = offsets.shape
-    offsets = offsets.float()
-    rows = torch.arange(h, device=offsets.device, dtype=torch.float32)
-    cols = torch.arange(w, device=offsets.device, dtype=torch.float32)
+    offsets = offsets.to(full_precision(offsets.dtype))
+    rows = torch.arange(h, device=offsets.device, dtype=offsets.dtype)
+    cols = torch.arange(w, device=offsets.device, dtype=offsets.dtype)
     base = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (h, w, 2)
     ox, oy = offsets[:, :heads], offsets[:, heads:]
-    size = torch.tensor([w, h], device=offsets.device, dtype=torch.float32)
+    size = torch.tensor([w, h], device=offsets.device, dtype=offsets.dtype)
     grid = base + torch.stack((ox, oy), dim=-1) / size
     grid = 2.0 * grid / (size - 1) - 1.0
     return grid.reshape(b * heads, h, w, 2)
@@ -208,12 +216,12 @@ class DeformableChannelAttention(nn.Module):
         b, c, h, w = x.shape
         x = self.qkv(x)
         q = self.q_conv1(x) + self.q_conv2(x) + self.q_conv3(x)
-        grid = attention_sampling_grid(self.offset_conv(x), self.num_heads).to(x.dtype)
+        grid = attention_sampling_grid(self.offset_conv(x), self.num_heads)
 
         def sample(t: torch.Tensor) -> torch.Tensor:
-            t = t.reshape(b * self.num_heads, c // self.num_heads, h, w)
+            t = t.reshape(b * self.num_heads, c // self.num_heads, h, w).to(grid.dtype)
             t = F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            return t.reshape(b, c, h, w)
+            return t.reshape(b, c, h, w).to(x.dtype)
 
         qkv = torch.cat([q, sample(self.k_conv(x)), sample(self.v_conv(x))], dim=1)
         logits, v = channel_attention_logits(qkv, self.num_heads, self.temperature)
@@ -239,7 +247,7 @@ class DeformableConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = 2.0 * torch.sigmoid(self.modulator_conv(x))
         offset = self.offset_conv(x)
-        if x.dtype in (torch.float32, torch.float64):
+        if full_precision(x.dtype) == x.dtype:
             return deform_conv2d(x, offset, self.regular_conv.weight, None,
                                  padding=self.regular_conv.padding, mask=mask)
         # torchvision has no bfloat16 (CPU, CUDA) nor CPU float16 kernel, and its autocast
@@ -509,16 +517,22 @@ class DeRestormerArch(Architecture[DeRestormer]):
 
     @override
     def load(self, state_dict: StateDict) -> ImageModelDescriptor[DeRestormer]:
-        sd = canonical_d_diag(state_dict)
-        dim, in_channels = sd["feat_extract.0.main.0.W"].shape[:2]
-        num_res = get_seq_len(sd, "Encoder.0.layers") // 2
-        heads = [sd[f"Encoder.{i}.layers.1.attn.temperature"].shape[0] for i in range(3)]
+        first = state_dict["feat_extract.0.main.0.W"]
+        dim, in_channels = first.shape[:2]
+        num_res = get_seq_len(state_dict, "Encoder.0.layers") // 2
+        heads = [state_dict[f"Encoder.{i}.layers.1.attn.temperature"].shape[0] for i in range(3)]
         dims = [dim, dim * 2, dim * 4]
-        hiddens = [sd[f"Encoder.{i}.layers.1.ffn.project_out.weight"].shape[1] for i in range(3)]
+        hiddens = [state_dict[f"Encoder.{i}.layers.1.ffn.project_out.weight"].shape[1] for i in range(3)]
         model = DeRestormer(dim=dim, num_res=num_res, heads=heads, in_channels=in_channels,
                             ffn_expansion=_ffn_expansion(dims, hiddens, "DeRestormer state dict"))
-        model.load_state_dict(sd, strict=True)
-        fold_do_convs(model)
+        if first.ndim == 4:
+            # The published `inference=True` form: DO-Convs already fused into 4-D `W` kernels.
+            fold_do_convs(model)
+            model.load_state_dict({(k[:-2] + ".weight" if k.endswith(".W") else k): v
+                                   for k, v in state_dict.items()}, strict=True)
+        else:
+            model.load_state_dict(canonical_d_diag(state_dict), strict=True)
+            fold_do_convs(model)
         return ImageModelDescriptor(
             model,
             model.state_dict(),

@@ -66,6 +66,11 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
         fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first input that fails."),
         max_pixels: Optional[int] = typer.Option(None, "--max-pixels",
                                                  help="Refuse larger images (decompression-bomb guard; 0 = no limit)."),
+        gt: Optional[Path] = typer.Option(None, "--gt",
+                                          help="Score each output against the same-named image in this folder (PSNR/SSIM)."),
+        protocol: str = typer.Option("restormer", "--protocol",
+                                     help="Metrics protocol for --gt: restormer, rcdnet, gopro or rgb (see `derestore eval --help`)."),
+        crop_border: int = typer.Option(0, "--crop-border", help="Pixels cropped from each border before scoring (--gt)."),
         json_out: bool = typer.Option(False, "--json", help="One JSON object per image on stdout, then a summary object."),
         quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
     ) -> None:
@@ -85,6 +90,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
             api.check_tiling(tile, overlap, tiling)
             jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
                             from_list=from_list, shard=shard)
+            truth = api.GroundTruth.open(gt, protocol, crop_border) if gt is not None else None
             loaded = api.load(task=task.name, model=model, weights=weights, device=device,
                               precision=precision, batch_size=batch_size)
             if not quiet:
@@ -92,7 +98,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                               f"in {loaded.engine.precision}; {len(jobs)} input(s)")
             limit = imageio.DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)
             results = api.restore(jobs, model=loaded, tile=tile, overlap=overlap, tiling=tiling, max_pixels=limit,
-                                  skip_existing=skip_existing, fail_fast=fail_fast)
+                                  skip_existing=skip_existing, fail_fast=fail_fast, score=truth)
             try:
                 with sigterm_as_interrupt():
                     for result in results:
@@ -101,6 +107,9 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                             console.print(f"[red]failed:[/] {result.error}")
                         elif not quiet and not json_out:
                             verb = "skipped (exists)" if result.status == "skipped" else f"({result.seconds:.2f} s)"
+                            if result.metrics and result.metrics.get("ssim") is not None:
+                                psnr = result.metrics["psnr"]
+                                verb += f"  PSNR {'inf' if psnr is None else f'{psnr:.2f}'} dB  SSIM {result.metrics['ssim']:.4f}"
                             console.print(f"{result.input} → {result.output} {verb}")
                         for note in result.notes:
                             console.print(f"[yellow]note:[/] {note}")
@@ -111,8 +120,20 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
             except KeyboardInterrupt:
                 interrupted = True
             elapsed = time.perf_counter() - started
-            summary = {**counts, "total": len(jobs), "seconds": round(elapsed, 3), "model": loaded.name,
-                       "interrupted": interrupted}
+            summary: dict[str, object] = {**counts, "total": len(jobs), "seconds": round(elapsed, 3),
+                                          "model": loaded.name, "interrupted": interrupted}
+            if truth is not None and truth.means is not None:
+                summary["metrics"] = truth.means.record(protocol)
+                for warning in truth.means.warnings():
+                    console.print(f"[yellow]note:[/] {warning}")
+                if truth.unmatched:
+                    console.print(f"[yellow]note:[/] {len(truth.unmatched)} output(s) have no ground truth in {gt}: "
+                                  + ", ".join(p.name for p in truth.unmatched[:5]))
+                if not quiet and truth.means.count:
+                    psnr, ssim = truth.means.psnr, truth.means.ssim
+                    console.print(f"mean over {truth.means.count} ({protocol}): PSNR "
+                                  f"{'inf' if psnr is None else f'{psnr:.4f}'} dB, SSIM "
+                                  f"{'n/a' if ssim is None else f'{ssim:.4f}'}")
             write_manifest(manifest_path(output, shard), {
                 "version": __version__,
                 "task": task.name,
