@@ -237,11 +237,11 @@ def restore(inputs: list[str] | str | list[Job], output: str | Path | None = Non
         jobs = plan(inputs, output, recursive=recursive, ext=ext, suffix=suffix)  # type: ignore[arg-type]
     remove_stale_temp_files(jobs)
 
-    def run_one(image: imageio.Image) -> tuple[imageio.Image, list[str]]:
-        return model.restore_image(image, tile=tile, overlap=overlap, tiling=tiling)
+    def run_one(array: object) -> tuple[object, list[str]]:
+        return model.restore_array(array, tile=tile, overlap=overlap, tiling=tiling)  # type: ignore[arg-type]
 
-    return run_jobs(jobs, run_one, max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast,
-                    score=score)
+    return run_jobs(jobs, run_one, prepare=imageio.to_float, finish=imageio.from_float,  # type: ignore[arg-type]
+                    max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast, score=score)
 
 
 @dataclass

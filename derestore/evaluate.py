@@ -87,7 +87,7 @@ class RunningMeans:
     def add(self, value: Score) -> None:
         with self._lock:
             self.count += 1
-            if value.identical or math.isinf(value.psnr):
+            if value.identical:
                 self.identical += 1
             else:
                 self._psnr_sum += value.psnr
@@ -253,7 +253,11 @@ def read_pixels(path: Path) -> np.ndarray:
 def score_pair(pair: Pair, *, protocol: str, crop_border: int = 0) -> PairResult:
     """One pair's result; unreadable files and size mismatches become its `error`."""
     try:
-        value = score(read_pixels(pair.gt), read_pixels(pair.pred), protocol=protocol, crop_border=crop_border)
+        gt, pred = read_pixels(pair.gt), read_pixels(pair.pred)
+    except InputError as exc:  # its message names the file
+        return PairResult(pair, None, str(exc))
+    try:
+        value = score(gt, pred, protocol=protocol, crop_border=crop_border)
     except InputError as exc:
         return PairResult(pair, None, f"{pair.pred} vs {pair.gt}: {exc}")
     return PairResult(pair, value)

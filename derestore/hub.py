@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote, urlencode, urljoin, urlsplit
 
 import filelock
@@ -557,11 +558,11 @@ def _strong_validator(resp: requests.Response) -> str | None:
 def _content_range(value: str) -> tuple[int, int | None] | None:
     """`bytes START-END/TOTAL` → (START, TOTAL or None)."""
     try:
-        unit, spec = value.split(" ", 1)
+        spec = value.split(" ", 1)[1]
         span, total = spec.split("/", 1)
         start = int(span.split("-", 1)[0])
         return start, (None if total.strip() == "*" else int(total))
-    except ValueError:
+    except (ValueError, IndexError):
         return None
 
 
@@ -607,7 +608,8 @@ class _Progress:
             self.bar.stop()
 
 
-def _hash_prefix(path: Path) -> tuple[hashlib._Hash, int]:
+def _hash_prefix(path: Path) -> tuple[Any, int]:
+    """A sha256 object fed with the file so far, and its length."""
     digest = hashlib.sha256()
     n = 0
     with open(path, "rb") as fh:

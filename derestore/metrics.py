@@ -1,14 +1,34 @@
 """PSNR and SSIM exactly as the restoration papers' MATLAB scripts compute them.
 
-Each protocol reproduces one published evaluation script (see docs in
-`PROTOCOLS` and the reference notes they were checked against); `rgb` is the
-plain all-channel definition. Inputs are arrays as stored on disk: (H, W) or
-(H, W, C) with C in {1, 3}, uint8 or uint16, RGB order. Pure numpy/OpenCV.
+Protocols (see PROTOCOLS):
+- restormer: Restormer/MPRNet `evaluate_PSNR_SSIM.m` (also DRSformer, DeRestormer):
+  Y of rgb2ycbcr in the integer class, rounded; PSNR with peak 255; Wang's
+  SSIM ('valid', L = 255).
+- rcdnet: DRSformer's DID/DDN `statistic.m` with RCDNet's psnr.m/ssim.m:
+  unrounded Y of im2double images; SSIM after Wang's automatic downsampling.
+- gopro: MPRNet/Restormer `evaluate_GOPRO_HIDE.m`: MATLAB's built-in psnr and
+  ssim on RGB (a 3-D Gaussian over H x W x 3, replicate padding, full map).
+- rgb: plain PSNR over all values and Wang's SSIM per channel, averaged
+  (BasicSR's `calculate_psnr/ssim` without the Y channel); peak = bit depth.
 
-Where a script's own behaviour is meaningless or an error (16-bit data under a
-fixed 255 peak, gray input to an RGB-only conversion, SSIM on images under
-11 px) derestore computes the sensible value instead and says so in
-`Score.warnings`.
+Inputs are arrays as stored on disk: (H, W) or (H, W, C) with C in {1, 3},
+uint8 or uint16, RGB order; values match the Octave runs of the scripts to
+~1e-12. Y is computed in exact arithmetic with .5 ties rounded up, as Octave
+does (floating-point Y rounds 194 8-bit colours either way).
+
+Where a script is meaningless or stops, derestore does the sensible thing
+and says so in `Score.warnings`:
+- restormer on 16-bit images: the script keeps peak/L = 255 (negative PSNR);
+  derestore uses 65535.
+- rcdnet on gray images: the script raises in rgb2ycbcr; derestore uses the
+  gray values as Y.
+- gray against RGB: restormer/rcdnet compare the gray values with the RGB
+  image's Y (as restormer's script does); gopro/rgb refuse the pair.
+- images under 11 px (after --crop-border): the scripts error or give -Inf;
+  derestore reports PSNR and no SSIM (nan; null in JSON).
+- different bit depths are refused except under rcdnet, which scales each to [0, 1].
+An identical pair has PSNR +inf (`identical`); aggregation leaves it out of
+the PSNR mean (derestore.evaluate.RunningMeans).
 """
 
 from __future__ import annotations
@@ -180,18 +200,20 @@ def _luma_int(a: np.ndarray) -> np.ndarray:
     """MATLAB rgb2ycbcr's Y in the image's integer class, exact with ties rounded up (as Octave).
 
     Floating-point Y lands on .5 for 194 8-bit colours and then rounds either
-    way; exact integer arithmetic makes the result independent of evaluation order.
+    way; this evaluates floor((65481R + 128553G + 24966B + offset + 127500) / 255000)
+    instead, whose numerator is an integer below 2^53 and so exact in float64;
+    the correctly rounded division then never crosses an integer.
     """
-    r, g, b = (a[:, :, i].astype(np.int64) for i in range(3))
-    offset = 16 * 255_000 if a.dtype == np.uint8 else 4112 * 255_000
-    return (65_481 * r + 128_553 * g + 24_966 * b + offset + 127_500) // 255_000
+    offset = (16 if a.dtype == np.uint8 else 4112) * 255_000 + 127_500
+    numerator = cv2.transform(a.astype(np.float64), np.array([[65_481.0, 128_553.0, 24_966.0, offset]]))
+    return np.floor(np.divide(numerator, 255_000.0, out=numerator), out=numerator)
 
 
 def _luma_unit_255(a: np.ndarray) -> np.ndarray:
     """rgb2ycbcr(im2double(a))'s unrounded Y, times 255."""
     scale = 1000.0 * _peak(a)  # the coefficients are per mille
-    r, g, b = (a[:, :, i].astype(np.float64) for i in range(3))
-    return 16.0 + (65_481.0 * r + 128_553.0 * g + 24_966.0 * b) / scale
+    y = cv2.transform(a.astype(np.float64), np.array([[65_481.0, 128_553.0, 24_966.0]]) / scale)
+    return np.add(y, 16.0, out=y)
 
 
 # ------------------------------------------------------------------- planes
@@ -217,8 +239,8 @@ def _restormer_planes(gt: np.ndarray, pred: np.ndarray) -> _Planes:
             "16-bit images: the restormer script's fixed peak 255 is meaningless here; "
             "used the 16-bit peak 65535 for PSNR and SSIM"
         )
-    planes = [a if a.ndim == 2 else _luma_int(a) for a in (gt, pred)]
-    return _Planes(planes[0].astype(np.int64), planes[1].astype(np.int64), peak, warnings)
+    gt_y, pred_y = (a.astype(np.float64) if a.ndim == 2 else _luma_int(a) for a in (gt, pred))
+    return _Planes(gt_y, pred_y, peak, warnings)
 
 
 def _rcdnet_planes(gt: np.ndarray, pred: np.ndarray) -> _Planes:
@@ -226,8 +248,8 @@ def _rcdnet_planes(gt: np.ndarray, pred: np.ndarray) -> _Planes:
     if gt.ndim == 2 or pred.ndim == 2:
         # The script stops with an rgb2ycbcr error on gray input.
         warnings.append("gray image: the rcdnet script rejects gray input; used the gray values as Y")
-    planes = [a * (255.0 / _peak(a)) if a.ndim == 2 else _luma_unit_255(a) for a in (gt, pred)]
-    return _Planes(planes[0], planes[1], 255.0, warnings)
+    gt_y, pred_y = (a * (255.0 / _peak(a)) if a.ndim == 2 else _luma_unit_255(a) for a in (gt, pred))
+    return _Planes(gt_y, pred_y, 255.0, warnings)
 
 
 def _stored_planes(gt: np.ndarray, pred: np.ndarray) -> _Planes:
@@ -239,13 +261,12 @@ def _stored_planes(gt: np.ndarray, pred: np.ndarray) -> _Planes:
 
 
 def _mse(planes: _Planes) -> float:
+    # Integer-valued inputs give exact sums of squares either way (below 2^53).
     a, b = planes.gt, planes.pred
-    if a.dtype.kind == "f" or b.dtype.kind == "f":
-        d = b.astype(np.float64) - a
-        return float(np.mean(d * d))
-    # Integer differences: the sum of squares is exact in int64.
-    d = b.astype(np.int64) - a.astype(np.int64)
-    return float(np.sum(d * d)) / d.size
+    if a.dtype == b.dtype:
+        return cv2.norm(np.ascontiguousarray(a), np.ascontiguousarray(b), cv2.NORM_L2SQR) / a.size
+    d = (b.astype(np.float64) - a).ravel()
+    return float(np.dot(d, d)) / d.size
 
 
 def _psnr(mse: float, peak: float) -> float:
@@ -253,32 +274,57 @@ def _psnr(mse: float, peak: float) -> float:
 
 
 # --------------------------------------------------------------------- SSIM
+# SSIM works on (C, H, W) float64 stacks: contiguous planes filter fastest in OpenCV.
+
+
+def _stack(a: np.ndarray) -> np.ndarray:
+    planes = a[None] if a.ndim == 2 else np.moveaxis(a, 2, 0)
+    return np.ascontiguousarray(planes, dtype=np.float64)
 
 
 def _ssim_map_mean(x: np.ndarray, y: np.ndarray, peak: float, blur: Callable[[np.ndarray], np.ndarray]) -> float:
-    """Mean SSIM map with population (co)variances from the local weighting `blur`."""
+    """Mean SSIM map with population (co)variances from the local weighting `blur`.
+
+    map = ((2 mu_x mu_y + C1)(2 cov + C2)) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2)),
+    evaluated in place: fresh full-size temporaries cost more than the filters.
+    """
     c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
     mu_x, mu_y = blur(x), blur(y)
-    mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    var_x = blur(x * x) - mu_xx
-    var_y = blur(y * y) - mu_yy
-    cov = blur(x * y) - mu_xy
-    num = (2.0 * mu_xy + c1) * (2.0 * cov + c2)
-    den = (mu_xx + mu_yy + c1) * (var_x + var_y + c2)
-    return float(np.mean(num / den))
+    var_x, var_y, cov = blur(x * x), blur(y * y), blur(x * y)
+    mu_xy = mu_x * mu_y
+    mu_x *= mu_x  # now mu_x^2
+    mu_y *= mu_y
+    var_x -= mu_x
+    var_y -= mu_y
+    cov -= mu_xy
+    num = mu_xy
+    num *= 2.0
+    num += c1
+    cov *= 2.0
+    cov += c2
+    num *= cov
+    den = mu_x
+    den += mu_y
+    den += c1
+    var_x += var_y
+    var_x += c2
+    den *= var_x
+    num /= den
+    return float(np.mean(num))
 
 
 def _gauss_valid(a: np.ndarray) -> np.ndarray:
-    """filter2(window, a, 'valid'), per channel."""
-    out = cv2.sepFilter2D(a, cv2.CV_64F, _G1, _G1, borderType=cv2.BORDER_REFLECT)
-    return out[_RADIUS:-_RADIUS, _RADIUS:-_RADIUS]
+    """filter2(window, plane, 'valid') for each plane."""
+    r = _RADIUS
+    return np.stack([cv2.sepFilter2D(p, cv2.CV_64F, _G1, _G1)[r:-r, r:-r] for p in a])
 
 
 def _gauss_replicate(a: np.ndarray) -> np.ndarray:
-    """imgaussfilt(a, 1.5) with replicate padding, same size (3-D for 3 planes)."""
-    if a.ndim == 3:
-        a = np.ascontiguousarray(a @ _CHANNEL_MIX.T)
-    return cv2.sepFilter2D(a, cv2.CV_64F, _G1, _G1, borderType=cv2.BORDER_REPLICATE)
+    """imgaussfilt(a, 1.5) with replicate padding, same size; 3-D (channels mixed) for 3 planes."""
+    if len(a) == 3:
+        # einsum, not tensordot: BLAS threads would compete with the pair workers.
+        a = np.einsum("ck,khw->chw", _CHANNEL_MIX, a)
+    return np.stack([cv2.sepFilter2D(p, cv2.CV_64F, _G1, _G1, borderType=cv2.BORDER_REPLICATE) for p in a])
 
 
 def _wang_valid(planes: _Planes, x: np.ndarray | None = None, y: np.ndarray | None = None) -> float:
@@ -286,8 +332,7 @@ def _wang_valid(planes: _Planes, x: np.ndarray | None = None, y: np.ndarray | No
     y = planes.pred if y is None else y
     if min(x.shape[:2]) < _MIN_SSIM_SIDE:
         return math.nan
-    x, y = (np.ascontiguousarray(a, dtype=np.float64) for a in (x, y))
-    return _ssim_map_mean(x, y, planes.peak, _gauss_valid)
+    return _ssim_map_mean(_stack(x), _stack(y), planes.peak, _gauss_valid)
 
 
 def _rcdnet_ssim(planes: _Planes) -> float:
@@ -313,8 +358,7 @@ def _box_downsample(a: np.ndarray, f: int) -> np.ndarray:
 
 
 def _matlab_ssim(planes: _Planes) -> float:
-    x, y = (np.asarray(a, dtype=np.float64) for a in (planes.gt, planes.pred))
-    return _ssim_map_mean(x, y, planes.peak, _gauss_replicate)
+    return _ssim_map_mean(_stack(planes.gt), _stack(planes.pred), planes.peak, _gauss_replicate)
 
 
 _PROTOCOL_IMPLS: dict[str, _Protocol] = {

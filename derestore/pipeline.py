@@ -223,14 +223,34 @@ def remove_stale_temp_files(jobs: list[Job]) -> list[Path]:
     return removed
 
 
-Restorer = Callable[[imageio.Image], tuple[imageio.Image, list[str]]]
+@dataclass
+class Prepared:
+    """An input after decoding, ready for the model: the image and the model-side array."""
+
+    image: imageio.Image
+    payload: object
+
+
+Prepare = Callable[[imageio.Image], object]
+Restorer = Callable[[object], tuple[object, list[str]]]
+Finish = Callable[[object, imageio.Image], imageio.Image]
 Scorer = Callable[[Job, imageio.Image], dict[str, object]]
+
+
+def _identity(image: imageio.Image) -> object:
+    return image
+
+
+def _keep(restored: object, image: imageio.Image) -> imageio.Image:
+    return restored  # type: ignore[return-value]
 
 
 def run_jobs(
     jobs: list[Job],
     restore: Restorer,
     *,
+    prepare: Prepare = _identity,
+    finish: Finish = _keep,
     max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS,
     skip_existing: bool = False,
     fail_fast: bool = False,
@@ -238,12 +258,15 @@ def run_jobs(
     readers: int = 2,
     writers: int = 2,
 ) -> Iterator[Result]:
-    """Read ahead and write behind on worker threads while the model runs; yield results in input order.
+    """Decode ahead and encode behind on worker threads while the model runs; yield results in input order.
 
-    At most `readers` decoded images wait for the model and `writers` restored
-    ones for the disk, so memory stays flat however many files there are. On
-    KeyboardInterrupt the image in flight is abandoned, finished writes are
-    completed and reported, and the interrupt is re-raised.
+    Reader threads run `read_image` then `prepare` (e.g. conversion to floats);
+    the calling thread runs only `restore`, so a GPU is not left waiting on
+    conversions; writer threads run `finish`, `score` and `write_image`. At most
+    `readers` prepared inputs and `writers` finished outputs wait at a time, so
+    memory stays flat however many files there are. On KeyboardInterrupt the
+    image in flight is abandoned, queued writes are completed and reported, and
+    the interrupt is re-raised.
     """
     todo = []
     for job in jobs:
@@ -251,16 +274,28 @@ def run_jobs(
             yield Result(job.input, job.output, "skipped")
         else:
             todo.append(job)
+
+    def load(job: Job) -> Prepared:
+        image = imageio.read_image(job.input, max_pixels=max_pixels)
+        return Prepared(image, prepare(image))
+
+    def store(job: Job, result: Result, restored: object, image: imageio.Image) -> list[str]:
+        final = finish(restored, image)
+        if score is not None:
+            result.metrics = score(job, final)
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        return imageio.write_image(job.output, final)
+
     with ThreadPoolExecutor(readers, thread_name_prefix="derestore-read") as read_pool, \
          ThreadPoolExecutor(writers, thread_name_prefix="derestore-write") as write_pool:
-        reads: list[Future[imageio.Image]] = []
+        reads: list[Future[Prepared]] = []
         pending: list[tuple[Result, Future[list[str]] | None]] = []
         next_read = 0
 
         def top_up() -> None:
             nonlocal next_read
             while next_read < len(todo) and len(reads) < readers:
-                reads.append(read_pool.submit(imageio.read_image, todo[next_read].input, max_pixels=max_pixels))
+                reads.append(read_pool.submit(load, todo[next_read]))
                 next_read += 1
 
         def finished(block: bool) -> Iterator[Result]:
@@ -271,6 +306,8 @@ def run_jobs(
                         result.notes.extend(write.result())
                     except InputError as exc:
                         result.status, result.error = "failed", str(exc)
+                    except OSError as exc:
+                        result.status, result.error = "failed", f"{result.output}: cannot write ({exc.strerror or exc})"
                 yield result
 
         try:
@@ -282,18 +319,13 @@ def run_jobs(
                 result = Result(job.input, job.output, "ok")
                 write = None
                 try:
-                    image = read.result()
-                    result.width, result.height = image.width, image.height
-                    restored, notes = restore(image)
+                    loaded = read.result()
+                    result.width, result.height = loaded.image.width, loaded.image.height
+                    restored, notes = restore(loaded.payload)
                     result.notes.extend(notes)
-                    if score is not None:
-                        result.metrics = score(job, restored)
-                    job.output.parent.mkdir(parents=True, exist_ok=True)
-                    write = write_pool.submit(imageio.write_image, job.output, restored)
+                    write = write_pool.submit(store, job, result, restored, loaded.image)
                 except InputError as exc:
                     result.status, result.error = "failed", str(exc)
-                except OSError as exc:
-                    result.status, result.error = "failed", f"{job.output}: cannot write ({exc.strerror or exc})"
                 result.seconds = time.perf_counter() - started
                 pending.append((result, write))
                 if fail_fast and result.status == "failed":

@@ -270,7 +270,8 @@ def test_window_partition_stitches_each_group_where_published(shape):
         idx = index[img, 0]
         for r in range(n_rows):
             for c in range(n_cols):
-                assert (idx[r * win:(r + 1) * win, c * win:(c + 1) * win] == img * n_rows * n_cols + r * n_cols + c).all()
+                tile = idx[r * win:(r + 1) * win, c * win:(c + 1) * win]
+                assert (tile == img * n_rows * n_cols + r * n_cols + c).all()
             if right:
                 assert (idx[r * win:(r + 1) * win, w:] == main + img * n_rows + r).all()
         if bottom:

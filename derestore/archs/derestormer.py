@@ -39,7 +39,6 @@ from ..errors import InputError, ModelUnavailable
 from .blocks import (
     Downsample,
     GatedFeedForward,
-    LayerNorm,
     TransformerBlock,
     Upsample,
     channel_attention_logits,

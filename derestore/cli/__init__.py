@@ -39,9 +39,11 @@ def _root(
 
 
 def _register_commands() -> None:
-    from . import tasks
+    from . import eval_cmd, tasks, weights_cmd
 
     tasks.register(app, tasks.task_records())
+    eval_cmd.register(app)
+    weights_cmd.register(app)
 
 
 _register_commands()

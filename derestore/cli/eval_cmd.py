@@ -50,8 +50,7 @@ def eval_command(
 ) -> None:
     """Score predictions against ground truths with PSNR and SSIM, exactly as the papers' MATLAB scripts do.
 
-    Files pair by name (stem; extensions may differ). Unmatched files, unreadable files and size
-    mismatches are listed and make the exit code 1; the other pairs are still scored.
+    Files pair by name (stem; extensions may differ). Unmatched files, unreadable files and size mismatches are listed and make the exit code 1; the other pairs are still scored.
 
     Example: derestore eval --gt Rain100L/target --pred restored/ --protocol restormer --per-image
     """
@@ -89,7 +88,14 @@ def _run(
     for message in pairing.ambiguous:
         console.print(f"[red]ambiguous:[/] {message}", soft_wrap=True)
 
+    from rich.progress import Progress
+
+    # Only on a terminal: logs and pipes get the results, not redraws.
+    progress = Progress(console=console, transient=True, disable=not console.is_terminal)
+    task = progress.add_task("scoring", total=len(pairing.pairs))
+
     def on_result(result: PairResult) -> None:
+        progress.advance(task)
         if result.error is not None:
             console.print(f"[red]failed:[/] {result.error}", soft_wrap=True)
         elif result.score is not None:
@@ -98,8 +104,9 @@ def _run(
         if json_out:
             emit_json(result.record())
 
-    summary = evaluate(pairing, protocol=protocol, crop_border=crop_border, workers=workers or None,
-                       on_result=on_result)
+    with progress:
+        summary = evaluate(pairing, protocol=protocol, crop_border=crop_border, workers=workers or None,
+                           on_result=on_result)
     for note in summary.warnings:
         console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     if json_out:
@@ -132,7 +139,10 @@ def _print_table(summary: Summary, per_image: bool) -> None:
         table.add_section()
     means = summary.means
     # Six decimals: what the MATLAB scripts print (%f), so papers' numbers can be compared digit by digit.
-    table.add_row(f"[bold]mean of {means.count}[/]", _number(means.psnr, 6), _number(means.ssim, 6))
+    label = f"mean of {means.count}"
+    if means.identical:
+        label += f" (PSNR of {means.count - means.identical}: identical pairs left out)"
+    table.add_row(f"[bold]{label}[/]", _number(means.psnr, 6), _number(means.ssim, 6))
     console.print(table)
 
 
