@@ -183,7 +183,7 @@ def test_descriptor_describes_the_network(descriptor):
     req = descriptor.size_requirements
     assert (req.minimum, req.multiple_of, req.square) == (8, 4, True)
     assert descriptor.tiling == ModelTiling.SUPPORTED
-    assert (descriptor.supports_half, descriptor.supports_bfloat16) == (False, False)
+    assert (descriptor.supports_half, descriptor.supports_bfloat16) == (True, False)
     assert descriptor.model.hyperparameters["num_res"] == 8
     assert list(descriptor.model.hyperparameters["heads"]) == [1, 2, 4]
     assert DEFAULT_TILE == 256

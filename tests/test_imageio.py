@@ -1,8 +1,8 @@
 """derestore.imageio: formats, bit depths, alpha, orientation, metadata, errors, atomic writes.
 
-Inputs are made here with Pillow or OpenCV (not with the module under test),
-and outputs are checked with them too, so a reader bug and a matching writer
-bug cannot hide each other.
+The reader's inputs are made with Pillow or OpenCV, and the writer's outputs
+are also decoded by them, so that a reader bug and a matching writer bug
+cannot hide each other behind a passing round trip.
 """
 
 from __future__ import annotations
@@ -22,7 +22,16 @@ from PIL import ImageCms, ImageOps
 
 from derestore import imageio
 from derestore.errors import InputError, UsageError
-from derestore.imageio import Image, from_float, is_image_path, is_temp_file, read_image, temp_path_for, to_float, write_image
+from derestore.imageio import (
+    Image,
+    from_float,
+    is_image_path,
+    is_temp_file,
+    read_image,
+    temp_path_for,
+    to_float,
+    write_image,
+)
 
 H, W = 13, 17  # odd and unequal, so a swapped or transposed axis shows
 RNG = np.random.default_rng(2024)
@@ -179,7 +188,6 @@ def test_jpeg_is_quality_95_with_full_chroma(tmp_path: Path) -> None:
     back = read_image(out)
     assert back.format == "JPEG" and back.pixels.shape == pixels.shape
     assert psnr(back.pixels, pixels, 255) > 38
-    assert psnr(read_image(out).pixels, pixels, 255) == psnr(back.pixels, pixels, 255)
     low = tmp_path / "low.jpg"
     write_image(low, Image(pixels=pixels, alpha=None, format="JPEG"), quality=30)
     assert low.stat().st_size < out.stat().st_size
@@ -251,7 +259,7 @@ def test_16_bit_files_from_opencv_are_read_exactly(tmp_path: Path, name: str) ->
 
 
 def test_16_bit_png_written_here_matches_libpng_decoding_at_scale(tmp_path: Path) -> None:
-    # Tall enough for several compression blocks and every filter type.
+    # Tall enough for several compression blocks, so several IDAT chunks.
     y, x = np.mgrid[0:700, 0:300]
     smooth = ((x * 97 + y * 31) % 65536).astype(np.uint16)
     pixels = np.stack([smooth, smooth[::-1], RNG.integers(0, 65536, smooth.shape).astype(np.uint16)], axis=2)
@@ -296,7 +304,10 @@ def test_colour_key_transparency_becomes_alpha(tmp_path: Path) -> None:
 @pytest.mark.parametrize("ext", [".jpg", ".tif"])
 def test_cmyk_becomes_rgb(tmp_path: Path, ext: str) -> None:
     cmyk = PILImage.fromarray(smooth_rgb()).convert("CMYK")
-    cmyk.save(tmp_path / f"cmyk{ext}", quality=98) if ext == ".jpg" else cmyk.save(tmp_path / f"cmyk{ext}")
+    # The JPEG carries a profile that does not fit CMYK: the conversion falls back, and the
+    # profile, which describes the source's colours and not the RGB result's, is dropped.
+    options = {"quality": 98, "icc_profile": SRGB_ICC} if ext == ".jpg" else {}
+    cmyk.save(tmp_path / f"cmyk{ext}", **options)
     back = read_image(tmp_path / f"cmyk{ext}")
     assert back.pixels.shape == (48, 64, 3) and back.alpha is None and back.icc_profile is None
     with PILImage.open(tmp_path / f"cmyk{ext}") as stored:
@@ -424,6 +435,46 @@ def test_raw_exif_is_kept_byte_for_byte_except_orientation(tmp_path: Path) -> No
     assert sum(a != b for a, b in zip(kept, raw)) == 1  # the orientation value's one byte
 
 
+def big_endian_exif(orientation: int) -> bytes:
+    """A minimal Motorola-order EXIF block (Pillow writes Intel order): Make, then Orientation."""
+    make = b"MotoCam\0"
+    entries = struct.pack(">HHII", 0x010F, 2, len(make), 8 + 2 + 2 * 12 + 4)
+    entries += struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    return b"Exif\0\0" + b"MM\0*" + struct.pack(">I", 8) + struct.pack(">H", 2) + entries + b"\0" * 4 + make
+
+
+def test_big_endian_exif_orientation(tmp_path: Path) -> None:
+    stored = random_pixels(np.uint8, 3)
+    PILImage.fromarray(stored).save(tmp_path / "mm.png", exif=big_endian_exif(8))
+    back = read_image(tmp_path / "mm.png")
+    np.testing.assert_array_equal(back.pixels, np.rot90(stored, 1))
+    tags = PILImage.Exif()
+    tags.load(back.exif)
+    assert tags[0x0112] == 1 and tags[0x010F] == "MotoCam"
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_corrupt_exif_costs_the_metadata_not_the_picture(tmp_path: Path) -> None:
+    stored = random_pixels(np.uint8, 3)
+    PILImage.fromarray(stored).save(tmp_path / "junk.png", exif=b"Exif\0\0II*\0\xff\xff\xff\x7f garbage")
+    back = read_image(tmp_path / "junk.png")
+    np.testing.assert_array_equal(back.pixels, stored)
+    assert back.exif is None
+    assert write_image(tmp_path / "junk_out.jpg", back) == []
+
+
+def test_exif_too_big_for_jpeg_is_dropped_with_a_note(tmp_path: Path) -> None:
+    tags = PILImage.Exif()
+    tags[0x010F] = "BigCam"
+    tags.get_ifd(0x8769)[0x927C] = b"\1" * 70_000  # a camera maker note
+    image = make_image("rgb8", exif=tags.tobytes())
+    notes = write_image(tmp_path / "big.jpg", image)
+    assert len(notes) == 1 and notes[0].startswith("EXIF dropped:") and "64 KiB" in notes[0]
+    assert read_image(tmp_path / "big.jpg").exif is None
+    assert write_image(tmp_path / "big.png", image) == []
+    assert exif_tags(read_image(tmp_path / "big.png").exif)["make"] == "BigCam"
+
+
 # ------------------------------------------------------------ non-ASCII names
 
 
@@ -516,6 +567,16 @@ def test_unsupported_format(tmp_path: Path) -> None:
     expect_input_error(tmp_path / "anim.gif", "GIF images are not supported")
 
 
+def test_tiff_layout_pillow_cannot_open_is_named(tmp_path: Path) -> None:
+    # 16-bit gray+alpha, as GIMP writes it; built with the module's TIFF encoder,
+    # which write_image itself never uses for this layout.
+    buffer = io.BytesIO()
+    gray = random_pixels(np.uint16, 1)
+    imageio._write_tiff(buffer, gray, gray[:, :, 0], None, None, 95)
+    (tmp_path / "la16.tif").write_bytes(buffer.getvalue())
+    expect_input_error(tmp_path / "la16.tif", "TIFF layout is not supported", "16-bit gray+alpha")
+
+
 def test_decompression_bomb_is_refused_from_the_header(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_with_header(100_000, 100_000))
@@ -582,7 +643,7 @@ def test_interrupted_write_leaves_nothing_and_propagates(tmp_path: Path, monkeyp
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(imageio.zlib, "compress", interrupted)
+    monkeypatch.setattr(imageio, "_deflater", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_image(tmp_path / "out.tif", make_image("rgb8"))
     assert list(tmp_path.iterdir()) == []

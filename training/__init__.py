@@ -1,0 +1,1 @@
+"""Training of derestore's compact offline models (not shipped in the wheel); see MODELS.md."""
