@@ -48,13 +48,21 @@ def build_state(name: str) -> dict[str, torch.Tensor]:
         from derestore.archs.drsformer import DRSformer
 
         net = DRSformer()
+    elif name == "dtpnet":
+        from derestore.archs.dtpnet import DTPNet
+
+        net = DTPNet()
+    elif name == "m3snet":
+        from spandrel_extra_arches.architectures.M3SNet import M3SNet
+
+        net = M3SNet()
     elif name.startswith("nafnet"):
         from spandrel.architectures.NAFNet import NAFNet
 
         width = int(name[len("nafnet"):] or 16)
         net = NAFNet(width=width, middle_blk_num=1, enc_blk_nums=[1, 1, 1, 1], dec_blk_nums=[1, 1, 1, 1])
     else:
-        raise SystemExit(f"unknown model {name}; use restormer, mprnet, derestormer, drsformer or nafnetW")
+        raise SystemExit(f"unknown model {name}; use restormer, mprnet, m3snet, derestormer, drsformer, dtpnet or nafnetW")
     return net.state_dict()
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .evaluate import RunningMeans
 
 TILINGS = ("blend", "published")
+AUTO = "auto"
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
 
@@ -56,7 +57,7 @@ class Model:
             self._sha256 = sha256_file(self.checkpoint)
         return self._sha256
 
-    def restore_array(self, image: np.ndarray, *, tile: int | None = None, overlap: int | None = None,
+    def restore_array(self, image: np.ndarray, *, tile: int | str | None = None, overlap: int | None = None,
                       tiling: str = "blend") -> tuple[np.ndarray, list[str]]:
         """Restore one (3, H, W) float32 array in [0, 1]; returns the result and notes for the user.
 
@@ -69,6 +70,8 @@ class Model:
         from .engine import is_out_of_memory
 
         tile = self.tile if tile is None else tile
+        if tile == AUTO:
+            tile = self.tile if tiling == "published" else self.engine.auto_tile(*image.shape[1:])
         overlap = self.overlap if overlap is None else overlap
         notes: list[str] = []
         while True:
@@ -84,6 +87,9 @@ class Model:
                 self._say_once(notes, "oom", f"out of device memory at tile {tile or 'whole image'}; "
                                              f"retrying with smaller tiles (first retry: {smaller})")
                 tile = smaller
+        if self.engine.compile_seconds is not None:
+            self._say_once(notes, "compile", f"torch.compile: the first forward pass took "
+                                             f"{self.engine.compile_seconds:.1f} s, compilation included")
         if self.engine.dtype != torch.float32 and _broken(out, image):
             out = self._run(image, tile, overlap, tiling, torch.float32)
             self._say_once(notes, "half", f"{self.engine.precision} output was NaN/Inf or black; "
@@ -144,18 +150,21 @@ def _hint(registry: Registry, record: ModelRecord | None, arch: str, field_name:
 
 
 def load(*, task: str | None = None, model: str | None = None, weights: str | Path | None = None,
-         device: str = "auto", precision: str = "auto", batch_size: int = 4,
-         offline: bool | None = None, registry: Registry | None = None) -> Model:
+         device: str = "auto", precision: str = "auto", batch_size: int = 4, layout: str = "auto",
+         compile: bool = False, offline: bool | None = None, registry: Registry | None = None) -> Model:
     """Resolve a task / registry name / checkpoint file to a ready-to-run model.
 
     Precedence: `weights` (a file), then `model` (a registry name), then the task's default.
+    `layout`: auto | channels_last | contiguous; `compile`: run the network through torch.compile.
     """
-    from .engine import PRECISIONS, Engine, choose_device
+    from .engine import LAYOUTS, PRECISIONS, Engine, choose_device
     from .loading import load_model
 
     choose_device(device)
     if precision not in PRECISIONS:
         raise UsageError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout '{layout}' is not one of {', '.join(LAYOUTS)}")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
     registry = registry or load_registry()
@@ -180,7 +189,8 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         path = hub.fetch(record, offline=offline)
         loaded = load_model(path, container=record.container, expected_arch=record.arch)
         name = record.name
-    engine = Engine.create(loaded.descriptor, device=device, precision=precision, batch_size=batch_size)
+    engine = Engine.create(loaded.descriptor, device=device, precision=precision, batch_size=batch_size,
+                           layout=layout, compile=compile)
     return Model(
         name=name,
         engine=engine,
@@ -210,9 +220,21 @@ def plan(inputs: list[str] | str, output: str | Path, *, recursive: bool = False
     return pipeline_shard(jobs, *part) if part else jobs
 
 
-def check_tiling(tile: int | None, overlap: int | None, tiling: str) -> None:
-    if tile is not None and tile < 0:
-        raise UsageError(f"--tile {tile}: must be 0 (whole image) or a positive size")
+def parse_tile(value: str | int | None) -> int | str | None:
+    """`--tile` as given: a size in pixels, 0 (whole image), `auto`, or None (the model's hint)."""
+    if value is None or value == AUTO or isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--tile {value}: give a size in pixels, 0 (whole image) or auto") from None
+
+
+def check_tiling(tile: int | str | None, overlap: int | None, tiling: str) -> None:
+    if isinstance(tile, str) and tile != AUTO:
+        raise UsageError(f"--tile {tile}: give a size in pixels, 0 (whole image) or auto")
+    if isinstance(tile, int) and tile < 0:
+        raise UsageError(f"--tile {tile}: must be 0 (whole image), a positive size or auto")
     if overlap is not None and overlap < 0:
         raise UsageError(f"--overlap {overlap}: must not be negative")
     if tiling not in TILINGS:
@@ -220,7 +242,7 @@ def check_tiling(tile: int | None, overlap: int | None, tiling: str) -> None:
 
 
 def restore(inputs: list[str] | str | list[Job], output: str | Path | None = None, *, model: Model,
-            recursive: bool = False, ext: str | None = None, suffix: str = "", tile: int | None = None,
+            recursive: bool = False, ext: str | None = None, suffix: str = "", tile: int | str | None = None,
             overlap: int | None = None, tiling: str = "blend",
             max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS, skip_existing: bool = False,
             fail_fast: bool = False, score: Scorer | None = None) -> Iterator[Result]:

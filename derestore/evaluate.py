@@ -209,8 +209,11 @@ def _key(stem: str, pattern: re.Pattern[str] | None) -> str:
     if found is None:
         return stem
     if "key" in pattern.groupindex:
-        return found.group("key")
-    return found.group(1) if pattern.groups else found.group(0)
+        key = found.group("key")
+    else:
+        key = found.group(1) if pattern.groups else found.group(0)
+    # An optional group that took no part, or an empty match, names nothing: keep the stem.
+    return key or stem
 
 
 def _images(folder: Path, option: str) -> list[Path]:

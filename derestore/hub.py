@@ -178,8 +178,13 @@ def cached_path(record: ModelRecord) -> Path | None:
     """The cached checkpoint if complete and verified, else None.
 
     Cheap: the file is re-hashed only when its size/mtime/inode differ from the
-    stamp taken at the last hash.
+    stamp taken at the last hash. A bundled checkpoint is always "cached".
     """
+    if record.bundled:
+        try:
+            return bundled_path(record)
+        except ModelUnavailable:
+            return None
     path = target_path(record)
     entry = cache_entry(record)
     if entry is None or entry.file_name != path.name:
@@ -948,12 +953,27 @@ def _check(record: ModelRecord, result: _Result, want: str | None) -> None:
         )
 
 
+def bundled_path(record: ModelRecord) -> Path:
+    """The checkpoint shipped inside the package, checked against its pin (it is small)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("derestore").joinpath(record.bundled or "")))
+    if not path.is_file():
+        raise ModelUnavailable(f"{record.name}: {path} is missing from this installation; reinstall derestore")
+    if record.sha256 and sha256_file(path) != record.sha256:
+        raise ModelUnavailable(f"{record.name}: {path} does not match its sha256 {record.sha256}; "
+                               "the installation is damaged, reinstall derestore")
+    return path
+
+
 def fetch(record: ModelRecord, *, offline: bool | None = None, progress: bool | None = None) -> Path:
     """The cached checkpoint, downloading (and verifying) it first if needed.
 
     Raises ModelUnavailable with a one-line reason: every source's failure, or how
     to fetch a browser-only checkpoint by hand and import it.
     """
+    if record.bundled:
+        return bundled_path(record)
     hit = cached_path(record)
     if hit is not None:
         return hit

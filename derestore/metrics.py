@@ -70,6 +70,7 @@ _CHANNEL_MIX = np.array(
 )
 
 _MIN_SSIM_SIDE = 2 * _RADIUS + 1
+_BAND_ROWS = 64  # SSIM map rows computed at once (the filter redoes 10 rows a band)
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,17 @@ def _peak(a: np.ndarray) -> int:
     return int(np.iinfo(a.dtype).max)
 
 
-def _same_kind(gt: np.ndarray, pred: np.ndarray) -> None:
-    """gopro/rgb compare stored values directly, so depth and channels must agree."""
+def _same_depth(gt: np.ndarray, pred: np.ndarray) -> None:
     if gt.dtype != pred.dtype:
         raise InputError(
             f"bit depths differ (ground truth {gt.dtype}, prediction {pred.dtype}); "
             "save both at the same depth or use --protocol rcdnet, which scales each to [0, 1]"
         )
+
+
+def _same_kind(gt: np.ndarray, pred: np.ndarray) -> None:
+    """gopro/rgb compare stored values directly, so depth and channels must agree."""
+    _same_depth(gt, pred)
     if gt.ndim != pred.ndim:
         raise InputError(
             "one image is gray and the other RGB; save both with the same channels "
@@ -220,11 +225,7 @@ def _luma_unit_255(a: np.ndarray) -> np.ndarray:
 
 
 def _restormer_planes(gt: np.ndarray, pred: np.ndarray) -> _Planes:
-    if gt.dtype != pred.dtype:
-        raise InputError(
-            f"bit depths differ (ground truth {gt.dtype}, prediction {pred.dtype}); "
-            "save both at the same depth or use --protocol rcdnet"
-        )
+    _same_depth(gt, pred)
     warnings = []
     if gt.ndim != pred.ndim:
         warnings.append(
@@ -274,65 +275,22 @@ def _psnr(mse: float, peak: float) -> float:
 
 
 # --------------------------------------------------------------------- SSIM
-# SSIM works on (C, H, W) float64 stacks: contiguous planes filter fastest in OpenCV.
-
-
-def _stack(a: np.ndarray) -> np.ndarray:
-    planes = a[None] if a.ndim == 2 else np.moveaxis(a, 2, 0)
-    return np.ascontiguousarray(planes, dtype=np.float64)
-
-
-def _ssim_map_mean(x: np.ndarray, y: np.ndarray, peak: float, blur: Callable[[np.ndarray], np.ndarray]) -> float:
-    """Mean SSIM map with population (co)variances from the local weighting `blur`.
-
-    map = ((2 mu_x mu_y + C1)(2 cov + C2)) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2)),
-    evaluated in place: fresh full-size temporaries cost more than the filters.
-    """
-    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y, cov = blur(x * x), blur(y * y), blur(x * y)
-    mu_xy = mu_x * mu_y
-    mu_x *= mu_x  # now mu_x^2
-    mu_y *= mu_y
-    var_x -= mu_x
-    var_y -= mu_y
-    cov -= mu_xy
-    num = mu_xy
-    num *= 2.0
-    num += c1
-    cov *= 2.0
-    cov += c2
-    num *= cov
-    den = mu_x
-    den += mu_y
-    den += c1
-    var_x += var_y
-    var_x += c2
-    den *= var_x
-    num /= den
-    return float(np.mean(num))
-
-
-def _gauss_valid(a: np.ndarray) -> np.ndarray:
-    """filter2(window, plane, 'valid') for each plane."""
-    r = _RADIUS
-    return np.stack([cv2.sepFilter2D(p, cv2.CV_64F, _G1, _G1)[r:-r, r:-r] for p in a])
-
-
-def _gauss_replicate(a: np.ndarray) -> np.ndarray:
-    """imgaussfilt(a, 1.5) with replicate padding, same size; 3-D (channels mixed) for 3 planes."""
-    if len(a) == 3:
-        # einsum, not tensordot: BLAS threads would compete with the pair workers.
-        a = np.einsum("ck,khw->chw", _CHANNEL_MIX, a)
-    return np.stack([cv2.sepFilter2D(p, cv2.CV_64F, _G1, _G1, borderType=cv2.BORDER_REPLICATE) for p in a])
+# SSIM needs only mu_x mu_y, mu_x^2 + mu_y^2, cov and var_x + var_y, and these
+# follow from the local moments of s = x + y and d = x - y:
+#   4 mu_x mu_y = mu_s^2 - mu_d^2,        2 (mu_x^2 + mu_y^2) = mu_s^2 + mu_d^2,
+#   4 cov = E[s^2] - E[d^2] - (mu_s^2 - mu_d^2),
+#   2 (var_x + var_y) = E[s^2] + E[d^2] - (mu_s^2 + mu_d^2).
+# So four Gaussian filters do the work of Wang's five. They run in float64
+# (float32 loses the small variances to cancellation) and are most of the time.
 
 
 def _wang_valid(planes: _Planes, x: np.ndarray | None = None, y: np.ndarray | None = None) -> float:
+    """Wang's ssim_index.m: Gaussian window, 'valid' map, mean over every channel."""
     x = planes.gt if x is None else x
     y = planes.pred if y is None else y
     if min(x.shape[:2]) < _MIN_SSIM_SIDE:
         return math.nan
-    return _ssim_map_mean(_stack(x), _stack(y), planes.peak, _gauss_valid)
+    return _ssim_valid(x, y, planes.peak)
 
 
 def _rcdnet_ssim(planes: _Planes) -> float:
@@ -341,6 +299,86 @@ def _rcdnet_ssim(planes: _Planes) -> float:
         return math.nan
     factor = max(1, math.floor(min(planes.gt.shape) / 256 + 0.5))  # MATLAB round: halves up
     return _wang_valid(planes, _box_downsample(planes.gt, factor), _box_downsample(planes.pred, factor))
+
+
+def _matlab_ssim(planes: _Planes) -> float:
+    """MATLAB's built-in ssim: Gaussian with replicate padding, full-size map; 3-D for RGB.
+
+    The 'valid' map of the replicate-padded images is the padded 'same' map.
+    """
+    x, y = (cv2.copyMakeBorder(a, *(4 * [_RADIUS]), cv2.BORDER_REPLICATE) for a in (planes.gt, planes.pred))
+    return _ssim_valid(x, y, planes.peak, channel_mix=x.ndim == 3)
+
+
+def _ssim_valid(x: np.ndarray, y: np.ndarray, peak: float, *, channel_mix: bool = False) -> float:
+    """Mean 'valid' SSIM map over every channel of (H, W) or (H, W, C) images.
+
+    Computed in bands of rows: memory stays bounded for any image size, and no
+    full-size temporaries are allocated (zeroing fresh pages costs as much as
+    the arithmetic). `channel_mix`: MATLAB's 3-D window across R, G, B.
+    """
+    h, w = x.shape[:2]
+    c = 1 if x.ndim == 2 else x.shape[2]
+    x, y = x.reshape(h, w, c), y.reshape(h, w, c)
+    rows_out, cols_out = h - 2 * _RADIUS, w - 2 * _RADIUS
+    band = min(_BAND_ROWS, rows_out)
+    size = 4 * (band + 2 * _RADIUS) * w * c
+    buffers = np.empty(size), np.empty(size)
+    c1, c2 = 2.0 * (0.01 * peak) ** 2, 2.0 * (0.03 * peak) ** 2
+    total = 0.0
+    for top in range(0, rows_out, band):
+        n = min(band, rows_out - top) + 2 * _RADIUS
+        moments, spare = (b[: 4 * n * w * c].reshape(4, n, w, c) for b in buffers)
+        _moments(x[top : top + n], y[top : top + n], out=moments)
+        if channel_mix:
+            # Linear, so it commutes with the 2-D filter; applied to the moments first.
+            cv2.transform(_tall(moments), _CHANNEL_MIX, dst=_tall(spare))
+            moments, spare = spare, moments
+        # The four moment images go through one filter call as a tall image:
+        # output rows that mix two of them lie within the radius of an edge,
+        # which 'valid' drops.
+        cv2.sepFilter2D(_tall(moments), cv2.CV_64F, _G1, _G1, dst=_tall(spare))
+        total += _ssim_map_sum(spare[:, _RADIUS : n - _RADIUS, _RADIUS : w - _RADIUS], c1, c2)
+    return total / (rows_out * cols_out * c)
+
+
+def _moments(x: np.ndarray, y: np.ndarray, *, out: np.ndarray) -> None:
+    """s, d, s*s, d*d for s = x + y, d = x - y, into `out` (4, H, W, C) float64."""
+    np.add(x, y, out=out[0], dtype=np.float64)
+    np.subtract(x, y, out=out[1], dtype=np.float64)
+    np.multiply(out[0], out[0], out=out[2])
+    np.multiply(out[1], out[1], out=out[3])
+
+
+def _tall(m: np.ndarray) -> np.ndarray:
+    """(4, H, W, C) as one (4 H, W[, C]) image for OpenCV (a view)."""
+    n, h, w, c = m.shape
+    return m.reshape(n * h, w, c) if c > 1 else m.reshape(n * h, w)
+
+
+def _ssim_map_sum(f: np.ndarray, c1: float, c2: float) -> float:
+    """Sum of the SSIM map from the filtered moments (mu_s, mu_d, E[s^2], E[d^2]).
+
+    map = ((2 mu_x mu_y + C1)(2 cov + C2)) / ((mu_x^2 + mu_y^2 + C1)(var_x + var_y + C2));
+    here every factor is doubled (which cancels), so c1, c2 are 2 C1, 2 C2.
+    """
+    mu_s, mu_d, ss, dd = f
+    sum_sq = mu_s * mu_s  # becomes the denominator
+    diff_sq = mu_d * mu_d
+    num = sum_sq - diff_sq  # 4 mu_x mu_y, then the numerator
+    sum_sq += diff_sq
+    cov = ss - dd  # becomes 4 cov + 2 C2
+    cov -= num
+    cov += c2
+    var = ss + dd  # becomes 2 (var_x + var_y) + 2 C2
+    var -= sum_sq
+    var += c2
+    num += c1
+    num *= cov
+    sum_sq += c1
+    sum_sq *= var
+    num /= sum_sq
+    return float(num.sum())
 
 
 def _box_downsample(a: np.ndarray, f: int) -> np.ndarray:
@@ -355,10 +393,6 @@ def _box_downsample(a: np.ndarray, f: int) -> np.ndarray:
     rows, cols = -(-a.shape[0] // f), -(-a.shape[1] // f)
     padded = np.pad(a, ((before, after), (before, after)), "symmetric")[: f * rows, : f * cols]
     return padded.reshape(rows, f, cols, f).mean(axis=(1, 3))
-
-
-def _matlab_ssim(planes: _Planes) -> float:
-    return _ssim_map_mean(_stack(planes.gt), _stack(planes.pred), planes.peak, _gauss_replicate)
 
 
 _PROTOCOL_IMPLS: dict[str, _Protocol] = {

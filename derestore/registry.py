@@ -49,6 +49,7 @@ class ModelRecord:
     notes: str = ""
     origin: str = ""  # which registry file defined it
     git_blob_sha1: str | None = None  # content pin from a git history (sha1 of "blob <len>\0" + bytes)
+    bundled: str | None = None  # a file shipped inside the package, relative to it: never downloaded
 
     @property
     def file_name(self) -> str:
@@ -63,8 +64,8 @@ class ModelRecord:
 
     @property
     def automatic(self) -> bool:
-        """True when at least one source can be fetched without a browser."""
-        return bool(self.sources)
+        """True when at least one source can be fetched without a browser (or the file ships with derestore)."""
+        return bool(self.sources or self.bundled)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ def _model_record(name: str, raw: dict[str, Any], origin: str) -> ModelRecord:
         notes=raw.get("notes", ""),
         origin=origin,
         git_blob_sha1=blob,
+        bundled=raw.get("bundled") or None,
         **hints,
     )
 

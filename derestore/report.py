@@ -1,13 +1,17 @@
-"""A self-contained HTML page for an evaluation: means, sortable table, histogram, worst pairs.
+"""Files an evaluation writes: per-image CSV, and a self-contained HTML page.
 
-Everything is inline (CSS, script, SVG, base64 PNG thumbnails), so the file
-can be mailed or archived alone and opens offline.
+The page holds the means, a sortable table, a PSNR histogram and the worst
+pairs side by side. Everything is inline (CSS, script, SVG, base64 PNG
+thumbnails), so the file can be mailed or archived alone and opens offline.
+Both files are written atomically: never half a file under the final name.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import math
 import os
 import tempfile
@@ -16,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import InputError, UsageError
+from .errors import DerestoreError, InputError, UsageError
 from .evaluate import PairResult, Summary, read_pixels
 from .metrics import PROTOCOLS
 
@@ -56,21 +60,53 @@ document.querySelectorAll("table.sortable th").forEach(function(th, col){
 
 
 def write_report(summary: Summary, path: Path, *, worst: int = 6) -> None:
-    """Write the report to `path` atomically (a temp file in the same folder, then a rename)."""
+    """Write the HTML report to `path`."""
+    check_output_path(path, "--report")
+    _write_atomically(path, render_report(summary, worst=worst), "--report")
+
+
+def write_csv(summary: Summary, path: Path) -> None:
+    """Per-image rows; `inf` marks an identical pair, an empty cell a missing value."""
+    check_output_path(path, "--csv")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["name", "gt", "pred", "psnr", "ssim", "identical", "error"])
+    for r in summary.results:
+        s = r.score
+        writer.writerow([
+            r.pair.name, r.pair.gt, r.pair.pred,
+            "" if s is None else repr(s.psnr),
+            "" if s is None or math.isnan(s.ssim) else repr(s.ssim),
+            "" if s is None else str(s.identical).lower(),
+            r.error or "",
+        ])
+    _write_atomically(path, buffer.getvalue(), "--csv")
+
+
+def check_output_path(path: Path, option: str) -> None:
+    """Refuse a destination that cannot take the file, before any time is spent scoring."""
+    folder = path.parent
     if path.is_dir():
-        raise UsageError(f"--report {path} is a folder; give a file name such as report.html")
-    folder = path.parent if str(path.parent) else Path(".")
+        raise UsageError(f"{option} {path} is a folder; give a file name")
     if not folder.is_dir():
-        raise UsageError(f"--report {path}: folder {folder} does not exist; create it first")
-    text = render_report(summary, worst=worst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        raise UsageError(f"{option} {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: folder {folder} is not writable")
+
+
+def _write_atomically(path: Path, text: str, option: str) -> None:
+    """A temp file in the same folder, then a rename: never half a file under `path`."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+                fh.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise DerestoreError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
 
 
 def render_report(summary: Summary, *, worst: int = 6) -> str:

@@ -183,3 +183,17 @@ def reflect_indices(size: int, padded: int) -> np.ndarray:
     period = 2 * (size - 1)
     i = np.arange(padded) % period
     return np.where(i < size, i, period - i)
+
+
+def fit_tile(height: int, width: int, bytes_per_pixel: float, free_bytes: float, batch: int,
+             rule: SizeRule = SizeRule(), step: int = 64, floor: int = 128) -> int:
+    """The largest tile whose forward passes fit in `free_bytes` (0 = the whole image fits).
+
+    A whole-image pass holds one padded image; a tiled pass holds `batch` windows of tile² pixels.
+    """
+    ph, pw = padded_size(height, width, rule)
+    if ph * pw * bytes_per_pixel <= free_bytes:
+        return 0
+    side = math.isqrt(int(free_bytes / (bytes_per_pixel * max(1, batch))))
+    side = side // step * step
+    return max(floor, _floor_to(side, rule.multiple)) if side >= rule.multiple else floor

@@ -37,7 +37,7 @@ def eval_command(
     gt: Path = typer.Option(..., "--gt", help="Ground-truth folder (or one image).", show_default=False),
     pred: Path = typer.Option(..., "--pred", help="Prediction folder (or one image).", show_default=False),
     protocol: str = typer.Option("restormer", "--protocol", "-p", help=PROTOCOL_HELP),
-    crop_border: int = typer.Option(0, "--crop-border", min=0, help="Pixels cut from every side before scoring."),
+    crop_border: int = typer.Option(0, "--crop-border", help="Pixels cut from every side before scoring."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per pair on stdout, then the means."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write per-image values to this CSV file.",
                                             show_default=False),
@@ -46,7 +46,7 @@ def eval_command(
                                                help="Write a self-contained HTML report. Example: --report eval.html",
                                                show_default=False),
     match: Optional[str] = typer.Option(None, "--match", help=MATCH_HELP, show_default=False),
-    workers: int = typer.Option(0, "--workers", min=0, help="Pairs scored at once; 0 = one per CPU core."),
+    workers: int = typer.Option(0, "--workers", help="Pairs scored at once; 0 = one per CPU core."),
 ) -> None:
     """Score predictions against ground truths with PSNR and SSIM, exactly as the papers' MATLAB scripts do.
 
@@ -74,12 +74,19 @@ def _run(
     from ..errors import UsageError
     from ..evaluate import evaluate, pair_paths
     from ..metrics import PROTOCOLS
+    from ..report import check_output_path, write_csv, write_report
 
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol {protocol!r} is unknown; choose one of: {', '.join(PROTOCOLS)}")
-    for option, path in (("--csv", csv_path), ("--report", report_path)):
-        if path is not None and not path.parent.is_dir():
-            raise UsageError(f"{option} {path}: folder {path.parent} does not exist; create it first")
+    # Checked here, not by typer, for derestore's one-line errors.
+    for option, value in (("--crop-border", crop_border), ("--workers", workers)):
+        if value < 0:
+            raise UsageError(f"{option} {value}: must be 0 or more")
+    outputs = [(option, path) for option, path in (("--csv", csv_path), ("--report", report_path)) if path]
+    for option, path in outputs:
+        check_output_path(path, option)
+    if len(outputs) == 2 and csv_path.resolve() == report_path.resolve():
+        raise UsageError(f"--csv and --report both name {csv_path}; give them different files")
     pairing = pair_paths(gt, pred, match=match)
     for path in pairing.unmatched_gt:
         console.print(f"[red]unmatched:[/] no prediction for {path}", soft_wrap=True)
@@ -114,10 +121,8 @@ def _run(
     else:
         _print_table(summary, per_image)
     if csv_path is not None:
-        _write_csv(summary, csv_path)
+        write_csv(summary, csv_path)
     if report_path is not None:
-        from ..report import write_report
-
         write_report(summary, report_path)
         console.print(f"report written to {report_path}")
     return summary
@@ -153,32 +158,3 @@ def _number(value: float | None, digits: int) -> str:
         return "inf (identical)"
     return f"{value:.{digits}f}"
 
-
-def _write_csv(summary: Summary, path: Path) -> None:
-    """Per-image rows; `inf` marks an identical pair, an empty cell a missing value."""
-    import csv
-    import io
-    import os
-    import tempfile
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["name", "gt", "pred", "psnr", "ssim", "identical", "error"])
-    for r in summary.results:
-        s = r.score
-        writer.writerow([
-            r.pair.name, r.pair.gt, r.pair.pred,
-            "" if s is None else repr(s.psnr),
-            "" if s is None or s.ssim != s.ssim else repr(s.ssim),
-            "" if s is None else str(s.identical).lower(),
-            r.error or "",
-        ])
-    # Never a half-written file: temp name in the same folder, then rename.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

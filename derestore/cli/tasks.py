@@ -18,7 +18,8 @@ TILING_HELP = (
     "protocol, to reproduce its numbers (DeRestormer: square windows of --tile px; others: the whole image)."
 )
 TILE_HELP = (
-    "Tile size in pixels; 0 = the whole image at once. Default: the model's hint (e.g. 512, DeRestormer 256). "
+    "Tile size in pixels; 0 = the whole image at once; auto = the largest tile that fits the free memory "
+    "(GPU: measured per model at start-up). Default: the model's hint (e.g. 512, DeRestormer 256). "
     "Tiles bound memory; models with global attention or pooling (Restormer, DRSformer, MPRNet) then give "
     "slightly tile-size-dependent results — use --tile 0 when the image fits in memory."
 )
@@ -49,7 +50,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                                             help=f"Registry model name (see `derestore models`). Default: {task.default}."),
         weights: Optional[Path] = typer.Option(None, "--weights",
                                                help="Use this checkpoint file instead; its architecture is detected. Example: --weights net.pth"),
-        tile: Optional[int] = typer.Option(None, "--tile", help=TILE_HELP, show_default=False),
+        tile: Optional[str] = typer.Option(None, "--tile", help=TILE_HELP, show_default=False),
         overlap: Optional[int] = typer.Option(None, "--overlap",
                                               help="Context pixels on each side of a seam between tiles (default: model hint, 32)."),
         tiling: str = typer.Option("blend", "--tiling", help=TILING_HELP),
@@ -57,6 +58,10 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N. auto picks the GPU when there is one."),
         precision: str = typer.Option("auto", "--precision",
                                       help="auto | fp32 | fp16 | bf16. auto: fp32 on CPU; on GPU a half type only where the architecture is known to be accurate in it."),
+        layout: str = typer.Option("auto", "--layout",
+                                   help="auto | channels_last | contiguous memory layout. auto: channels_last where it measured faster for the architecture."),
+        compile_model: bool = typer.Option(False, "--compile",
+                                           help="Run the network through torch.compile: slow first image (the cost is printed), faster after; pays off on long batches of one size."),
         ext: Optional[str] = typer.Option(None, "--ext", help="Output format (png, jpg, webp, tif, bmp). Default: the input's format."),
         suffix: str = typer.Option("", "--suffix", help="Appended to each output's stem. Example: --suffix _derained"),
         skip_existing: bool = typer.Option(False, "--skip-existing",
@@ -87,12 +92,13 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                 from ..errors import UsageError
 
                 raise UsageError(f"--max-pixels {max_pixels}: must be 0 (no limit) or positive")
+            tile = api.parse_tile(tile)
             api.check_tiling(tile, overlap, tiling)
             jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
                             from_list=from_list, shard=shard)
             truth = api.GroundTruth.open(gt, protocol, crop_border) if gt is not None else None
             loaded = api.load(task=task.name, model=model, weights=weights, device=device,
-                              precision=precision, batch_size=batch_size)
+                              precision=precision, batch_size=batch_size, layout=layout, compile=compile_model)
             if not quiet:
                 console.print(f"model {loaded.name} ({loaded.arch}) on {loaded.engine.device} "
                               f"in {loaded.engine.precision}; {len(jobs)} input(s)")
@@ -145,7 +151,8 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                 "precision": loaded.engine.precision,
                 "options": {"tile": tile if tile is not None else loaded.tile,
                             "overlap": overlap if overlap is not None else loaded.overlap,
-                            "tiling": tiling, "batch_size": batch_size, "ext": ext, "suffix": suffix,
+                            "tiling": tiling, "batch_size": batch_size, "layout": layout,
+                            "channels_last": loaded.engine.channels_last, "compile": compile_model, "ext": ext, "suffix": suffix,
                             "keep_tree": keep_tree, "skip_existing": skip_existing, "shard": shard,
                             "max_pixels": limit},
                 "counts": summary,

@@ -41,6 +41,8 @@ def _records(registry: Registry, names: list[str]) -> list[ModelRecord]:
 
 def download_kind(record: ModelRecord) -> str:
     """How a checkpoint reaches the cache, in the words `derestore models` shows."""
+    if record.bundled:
+        return "bundled"
     if any(not s.startswith("gdrive:") for s in record.sources):
         return "automatic"
     if record.sources:
@@ -74,7 +76,7 @@ def _model_info(registry: Registry, record: ModelRecord) -> dict[str, Any]:
         "default": bool(task and task.default == record.name),
         "cached": path is not None,
         "path": str(path) if path else None,
-        "size": record.size or (entry.size if entry else None),
+        "size": record.size or (entry.size if entry else None) or (path.stat().st_size if path and record.bundled else None),
         "license": record.license,
         "pinned": hub.pinned(record),
         "sha256": record.sha256 or (entry.sha256 if entry else None),
@@ -92,7 +94,7 @@ def models(
 ) -> None:
     """List the registry's checkpoints: task, default, cached, size, licence, how each downloads.
 
-    [bold]automatic[/]: fetched on first use. [bold]manual import[/]: open the share link in a
+    [bold]bundled[/]: ships inside derestore, works offline. [bold]automatic[/]: fetched on first use. [bold]manual import[/]: open the share link in a
     browser, then `derestore weights import NAME FILE`. [bold]import only[/]: no published
     weights. pinned = the registry fixes the file's content (sha256 or git blob id); unpinned files are checked against
     the digest recorded at their first download.
@@ -110,6 +112,22 @@ def models(
                 emit_json(info)
             return
         _print_table(infos)
+        for name, reason in lite_defaults(registry).items():
+            if task is None or task == name:
+                console.print(f"note: {name} defaults to the bundled {registry.tasks[name].default}: {reason}")
+
+
+def lite_defaults(registry: Registry) -> dict[str, str]:
+    """Tasks whose default is a bundled model because no published checkpoint downloads by itself."""
+    notes = {}
+    for name, task in registry.tasks.items():
+        if not registry.models[task.default].bundled:
+            continue
+        published = [r for r in registry.for_task(name) if not r.bundled]
+        if published and not any(r.sources for r in published):
+            notes[name] = (f"its published checkpoints ({', '.join(r.name for r in published)}) need a manual "
+                           "download; import one with `derestore weights import NAME FILE` and pass -m NAME")
+    return notes
 
 
 def _print_table(infos: list[dict[str, Any]]) -> None:
