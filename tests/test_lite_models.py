@@ -1,0 +1,75 @@
+"""The bundled lite models: offline, small, and they restore (a margin over the degraded input)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import derestore
+from derestore import metrics
+from derestore.registry import load_registry
+from training.degrade import degrade
+
+from .test_cli_restore import invoke
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TASKS = {"derain": "rain", "desnow": "snow", "dehaze": "haze", "deblur": "blur", "denoise": "noise"}
+# Minimum PSNR gain on a freshly degraded held-out crop; the model card's means are far above these.
+MARGIN_DB = {"derain": 3.0, "desnow": 2.0, "dehaze": 2.0, "deblur": 1.0, "denoise": 3.0}
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("DERESTORE_OFFLINE", "1")
+    monkeypatch.setenv("DERESTORE_HOME", str(tmp_path / "empty-cache"))
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def psnr(gt: np.ndarray, pred: np.ndarray) -> float:
+    return metrics.score(gt, pred, protocol="rgb").psnr
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_lite_model_is_bundled_small_and_loads_offline(task):
+    record = load_registry().model(f"lite-{task}")
+    model = derestore.load(model=f"lite-{task}", device="cpu")
+    assert model.arch == "NAFNet"
+    assert model.checkpoint.suffix == ".safetensors"
+    assert model.checkpoint.stat().st_size <= 5 * 2**20
+    assert model.checkpoint.is_relative_to(ROOT / "derestore" / record.bundled.rsplit("/", 1)[0])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_lite_model_improves_a_fresh_synthetic_pair(task):
+    clean = read_rgb(EXAMPLES / "clean" / f"{TASKS[task]}.png")[:192, :256]
+    bad = degrade(task, clean.astype(np.float32) / 255, np.random.default_rng(2024))
+    bad = np.round(bad * 255).astype(np.uint8)
+    model = derestore.load(model=f"lite-{task}", device="cpu")
+    out, _ = model.restore_array(bad.transpose(2, 0, 1).astype(np.float32) / 255, tile=0)
+    restored = np.round(out.transpose(1, 2, 0) * 255).astype(np.uint8)
+    assert psnr(clean, restored) >= psnr(clean, bad) + MARGIN_DB[task]
+
+
+def test_desnow_defaults_to_the_lite_model_and_models_says_why():
+    assert load_registry().default_for("desnow").name == "lite-desnow"
+    res = invoke("models", "-t", "desnow")
+    assert res.exit_code == 0, res.output
+    assert "bundled" in res.output and "desnow defaults to the bundled lite-desnow" in res.output
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_quick_start_restores_the_examples(tmp_path, task):
+    name = TASKS[task]
+    res = invoke(task, EXAMPLES / f"{name}.png", "-m", f"lite-{task}", "-o", tmp_path / "restored")
+    assert res.exit_code == 0, res.output
+    clean = read_rgb(EXAMPLES / "clean" / f"{name}.png")
+    before = psnr(clean, read_rgb(EXAMPLES / f"{name}.png"))
+    after = psnr(clean, read_rgb(tmp_path / "restored" / f"{name}.png"))
+    assert after > before + 1.0, (before, after)
