@@ -14,12 +14,12 @@ import html
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from . import imageio
 from .errors import DerestoreError, InputError, UsageError
 from .evaluate import PairResult, Summary, read_pixels
 from .metrics import PROTOCOLS
@@ -96,17 +96,17 @@ def check_output_path(path: Path, option: str) -> None:
 
 def _write_atomically(path: Path, text: str, option: str) -> None:
     """A temp file in the same folder, then a rename: never half a file under `path`."""
+    tmp = imageio.temp_path_for(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise DerestoreError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
+        # Mode "x" creates the file with the usual permissions (umask), unlike mkstemp's 0600.
+        with tmp.open("x", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise DerestoreError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
+        raise
 
 
 def render_report(summary: Summary, *, worst: int = 6) -> str:

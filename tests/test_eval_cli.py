@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -56,6 +57,26 @@ def dataset(tmp_path: Path) -> tuple[Path, Path]:
 def _write(path: Path, rgb: np.ndarray) -> Path:
     assert cv2.imwrite(str(path), rgb if rgb.ndim == 2 else rgb[:, :, ::-1])
     return path
+
+
+@pytest.mark.parametrize("protocol", ["restormer", "rcdnet"])
+def test_json_values_match_the_reference_for_y_protocols(dataset: tuple[Path, Path], protocol: str) -> None:
+    gt, pred = dataset
+    result = run("--gt", gt, "--pred", pred, "--protocol", protocol, "--json")
+    assert result.exit_code == 0, result.stderr
+    records = _json_lines(result.stdout)
+    reference = REFERENCE["protocols"][protocol]["per_image"]
+    for r in records[:-1]:
+        expected, kind = reference[r["name"]], REFERENCE["pairs"][r["name"]]["kind"]
+        if "error" in expected or (protocol, kind) == ("restormer", "rgb16"):
+            assert r["warnings"]  # derestore's documented deviations say so
+        elif expected["psnr"] == "inf":
+            assert r["psnr"] is None and r["identical"] is True and r["ssim"] == 1.0
+        else:
+            assert abs(r["psnr"] - expected["psnr"]) <= 1e-4 and abs(r["ssim"] - expected["ssim"]) <= 1e-5
+    finite = [r["psnr"] for r in records[:-1] if r["psnr"] is not None]
+    assert records[-1]["mean"]["psnr"] == pytest.approx(sum(finite) / len(finite), abs=1e-9)
+    assert records[-1]["count"] == 8 and records[-1]["protocol"] == protocol
 
 
 def test_json_values_match_the_reference_and_schema(dataset: tuple[Path, Path]) -> None:
@@ -149,6 +170,15 @@ def test_match_maps_prediction_names_to_gt_names(tmp_path: Path) -> None:
         assert records[-1]["count"] == 3
 
 
+def test_match_group_that_took_no_part_keeps_the_stem(tmp_path: Path) -> None:
+    (tmp_path / "gt").mkdir(), (tmp_path / "pred").mkdir()
+    img = np.zeros((20, 20, 3), np.uint8)
+    for side in ("gt", "pred"):
+        _write(tmp_path / side / "norain-1.png", img)
+    pairing = pair_paths(tmp_path / "gt", tmp_path / "pred", match=r"(x)?norain")
+    assert [p.name for p in pairing.pairs] == ["norain-1"] and pairing.complete
+
+
 def test_two_names_for_one_key_are_not_guessed(dataset: tuple[Path, Path]) -> None:
     gt, pred = dataset
     shutil.copy(pred / "v01_rgb_97x131_noise5.png", pred / "v01_rgb_97x131_noise5.bmp")
@@ -194,13 +224,37 @@ def test_two_single_files(dataset: tuple[Path, Path]) -> None:
         (["--protocol", "matlab"], "restormer, rcdnet, gopro, rgb"),
         (["--match", "(unclosed"], "not a valid regular expression"),
         (["--csv", "missing-dir/out.csv"], "does not exist"),
+        (["--report", "missing-dir/out.html"], "does not exist"),
+        (["--crop-border", "-1"], "--crop-border -1: must be 0 or more"),
+        (["--workers", "-2"], "--workers -2: must be 0 or more"),
+        (["--csv", "."], "is a folder"),
+        (["--report", "."], "is a folder"),
     ],
 )
-def test_usage_errors_exit_2(dataset: tuple[Path, Path], args: list[str], message: str) -> None:
+def test_usage_errors_exit_2_with_one_line(dataset: tuple[Path, Path], args: list[str], message: str) -> None:
     gt, pred = dataset
     result = run("--gt", gt, "--pred", pred, *args)
     assert result.exit_code == 2
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_one_file_against_a_folder_and_clashing_outputs_exit_2(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    gt, pred = dataset
+    result = run("--gt", gt / "v01_rgb_97x131_noise5.png", "--pred", pred)
+    assert result.exit_code == 2 and "is one image but --pred" in result.stderr
+    same = tmp_path / "out.html"
+    result = run("--gt", gt, "--pred", pred, "--csv", same, "--report", same)
+    assert result.exit_code == 2 and "both name" in result.stderr and not same.exists()
+
+
+def test_one_prediction_against_a_gt_folder(dataset: tuple[Path, Path]) -> None:
+    gt, pred = dataset
+    result = run("--gt", gt, "--pred", pred / "v03_rgb_101x77_noise40.png", "--json", "--protocol", "rcdnet")
+    assert result.exit_code == 0, result.stderr  # the folder's other images are not missing anything
+    record, final = _json_lines(result.stdout)
+    expected = REFERENCE["protocols"]["rcdnet"]["per_image"]["v03_rgb_101x77_noise40"]
+    assert abs(record["psnr"] - expected["psnr"]) <= 1e-4 and final["count"] == 1
 
 
 def test_missing_or_empty_folders_exit_2(tmp_path: Path, dataset: tuple[Path, Path]) -> None:
@@ -215,8 +269,13 @@ def test_missing_or_empty_folders_exit_2(tmp_path: Path, dataset: tuple[Path, Pa
 def test_csv_has_one_row_per_pair(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     gt, pred = dataset
     out = tmp_path / "scores.csv"
-    result = run("--gt", gt, "--pred", pred, "--protocol", "gopro", "--csv", out)
+    umask = os.umask(0o022)
+    try:
+        result = run("--gt", gt, "--pred", pred, "--protocol", "gopro", "--csv", out)
+    finally:
+        os.umask(umask)
     assert result.exit_code == 0, result.stderr
+    assert out.stat().st_mode & 0o777 == 0o644  # the usual permissions, not a temp file's 0600
     rows = list(csv.DictReader(out.open()))
     assert [r["name"] for r in rows] == NAMES
     by_name = {r["name"]: r for r in rows}
@@ -225,6 +284,21 @@ def test_csv_has_one_row_per_pair(dataset: tuple[Path, Path], tmp_path: Path) ->
     v01 = GOPRO["per_image"]["v01_rgb_97x131_noise5"]
     assert abs(float(by_name["v01_rgb_97x131_noise5"]["psnr"]) - v01["psnr"]) <= 1e-4
     assert not list(tmp_path.glob(".scores.csv.*"))  # no temp file left behind
+
+
+def test_a_failed_write_leaves_nothing_and_says_so(
+    dataset: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gt, pred = dataset
+
+    def disk_full(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    result = run("--gt", gt, "--pred", pred, "--report", tmp_path / "eval.html")
+    assert result.exit_code == 1
+    assert "--report" in result.stderr and "cannot write: No space left on device" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt", "pred"]  # no report, no temp file
 
 
 def test_html_report_is_self_contained(dataset: tuple[Path, Path], tmp_path: Path) -> None:
