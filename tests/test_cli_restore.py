@@ -221,3 +221,16 @@ def test_gt_scores_each_output_on_the_fly(tmp_path, ckpt, mixed_dir):
     assert "no ground truth" in res.stderr
     bad = invoke("derain", mixed_dir / "rgb.png", "-o", out, "--weights", ckpt, "--gt", tmp_path / "nope")
     assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["derain", "x.png", "--batch-size", "abc"], "--batch-size"),
+    (["derain", "x.png", "--bogus"], "--bogus"),
+    (["eval", "--gt", "a"], "--pred"),
+])
+def test_malformed_command_lines_get_one_line_and_exit_2(args, words):
+    proc = subprocess.run([sys.executable, "-m", "derestore", *args], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], proc.stderr
+    assert proc.stdout == ""

@@ -50,4 +50,26 @@ _register_commands()
 
 
 def main() -> None:
-    app()
+    """Run the app; a malformed command line gets one line and exit 2 instead of a help panel."""
+    import sys
+
+    try:
+        from typer._click import exceptions  # typer ≥ 0.24 vendors click
+    except ImportError:
+        from click import exceptions
+
+    from .common import error_line
+
+    try:
+        code = app(standalone_mode=False)
+    except exceptions.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `derestore` or `derestore weights` alone
+            typer.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        else:
+            where = exc.ctx.command_path if exc.ctx else "derestore"
+            error_line(f"{exc.format_message()} (see `{where} --help`)")
+        code = 2
+    except exceptions.Abort:
+        error_line("interrupted")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
