@@ -96,7 +96,7 @@ class PeakRSS:
         return 0
 
     def __enter__(self) -> "PeakRSS":
-        self.peak = self.now()
+        self.start = self.peak = self.now()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -148,12 +148,13 @@ def main() -> None:
     ap.add_argument("--model", default="nafnet16")
     ap.add_argument("--size", default="1024x768", help="WxH of the synthetic images")
     ap.add_argument("--count", type=int, default=8)
-    ap.add_argument("--tile", type=int, default=0)
+    ap.add_argument("--tile", default="0", help="pixels, 0 = whole image, or auto")
     ap.add_argument("--overlap", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiling", default="blend")
+    ap.add_argument("--layout", default="auto")
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
 
@@ -191,9 +192,12 @@ def main() -> None:
                                   if device.type == "cuda" else None}
             del descriptor
 
-        model = derestore.load(weights=ckpt, device=args.device, precision=args.precision, batch_size=args.batch)
+        model = derestore.load(weights=ckpt, device=args.device, precision=args.precision, batch_size=args.batch,
+                              layout=args.layout)
+        tile = derestore.api.parse_tile(args.tile)
+        rss_model = PeakRSS.now()  # the model is loaded; what follows is the pipeline's own memory
         (root / "b").mkdir()
-        warm = list(derestore.restore([str(files[0])], root / "b", model=model, tile=args.tile,
+        warm = list(derestore.restore([str(files[0])], root / "b", model=model, tile=tile,
                                       overlap=args.overlap, tiling=args.tiling))
         assert warm[0].status == "ok", warm[0].error
         if device.type == "cuda":
@@ -201,14 +205,16 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as rss:
             t0 = time.perf_counter()
-            results = list(derestore.restore([str(root / "in")], root / "b", model=model, tile=args.tile,
+            results = list(derestore.restore([str(root / "in")], root / "b", model=model, tile=tile,
                                              overlap=args.overlap, tiling=args.tiling))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             tb = time.perf_counter() - t0
         assert all(r.status == "ok" for r in results), [r.error for r in results if r.error]
         report["derestore"] = {"seconds": round(tb, 3), "mpix_per_s": round(mpix / tb, 3),
-                               "peak_rss_mb": round(rss.peak / 2**20), "precision": model.engine.precision,
+                               "peak_rss_mb": round(rss.peak / 2**20),
+                               "peak_rss_beyond_model_mb": round((rss.peak - rss_model) / 2**20),
+                               "precision": model.engine.precision, "channels_last": model.engine.channels_last,
                                "tile": args.tile, "batch": args.batch,
                                "peak_device_mb": round(torch.cuda.max_memory_allocated() / 2**20)
                                if device.type == "cuda" else None}
