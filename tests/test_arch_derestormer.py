@@ -1,23 +1,17 @@
 """DeRestormer: published key layout, golden outputs of the reference code, DO-Conv folding,
-the published windowed test procedure, and spandrel detection/loading."""
+the published windowed test procedure, and loading and tiling through derestore."""
 
 from __future__ import annotations
 
-import json
-import math
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import spandrel
-import spandrel_extra_arches
 import torch
 from spandrel import ImageModelDescriptor, ModelTiling
-from spandrel_extra_arches.architectures.M3SNet import M3SNet
-from spandrel_extra_arches.architectures.MPRNet import MPRNet
-from spandrel_extra_arches.architectures.Restormer import Restormer
 
+import derestore
 from derestore.archs.derestormer import (
     DEFAULT_TILE,
     DeRestormer,
@@ -27,53 +21,20 @@ from derestore.archs.derestormer import (
     fold_do_convs,
     window_partition_inference,
 )
+from derestore.archs.fill import DERESTORMER_SCALE
 from derestore.errors import InputError, ModelUnavailable
+from derestore.loading import install_architectures
 
-FIXTURES = Path(__file__).parent / "fixtures" / "derestormer"
+from .arch_support import (
+    assert_golden_case,
+    assert_matches_reference,
+    filled_state_dict,
+    key_list,
+    read_golden,
+    read_keys,
+)
+
 GOLDEN_CASES = (0, 1, 2)
-FILL_SCALE = 0.6  # the fixtures' DeRestormer-only factor on every ndim ≥ 2 entry
-
-
-def read_keys(path: Path) -> list[tuple[str, list[int], str]]:
-    return [(k, list(shape), dtype) for k, shape, dtype in json.loads(path.read_text())]
-
-
-def fill_state_dict(keys: list[tuple[str, list[int], str]], scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """The reference fixtures' deterministic weight fill (reference/archs/README.md).
-
-    One generator per key seeded by crc32(key); fan-in scaled normals for ndim ≥ 2
-    (times `scale`), 1 + 0.1·z for 1-D weights, 0.1·z otherwise. DO-Conv `D_diag`
-    entries keep their constant: the k²×k² identity per input channel.
-    """
-    filled = {}
-    for key, shape, _ in keys:
-        if key.endswith(".D_diag"):
-            filled[key] = torch.eye(shape[1]).repeat(shape[0], 1, 1)
-            continue
-        z = np.random.default_rng(zlib.crc32(key.encode("utf-8"))).standard_normal(shape)
-        if len(shape) >= 2:
-            a = z / math.sqrt(math.prod(shape[1:])) * scale
-        elif key.endswith("weight"):
-            a = 1.0 + 0.1 * z
-        else:
-            a = 0.1 * z
-        filled[key] = torch.from_numpy(a.astype(np.float32))
-    return filled
-
-
-def assert_matches_reference(ours: torch.Tensor, ref: np.ndarray) -> float:
-    bound = max(1.0, float(np.abs(ref).max()))
-    delta = np.abs(ours.detach().cpu().float().numpy() - ref)
-    assert ours.shape == ref.shape
-    assert delta.max() <= 1e-3 * bound, f"max|Δ| {delta.max():.3g}"
-    assert delta.mean() <= 1e-5 * bound, f"mean|Δ| {delta.mean():.3g}"
-    return float(delta.max())
-
-
-def state_dict_on_meta(model_class: type[torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """A default-configuration state dict with real shapes and no memory behind it."""
-    with torch.device("meta"):
-        return model_class().state_dict()
 
 
 def tiny_state_dict(seed: int = 0, **config) -> dict[str, torch.Tensor]:
@@ -99,27 +60,18 @@ TINY = {"dim": 16, "num_res": 1, "heads": (1, 2, 4)}
 
 @pytest.fixture(scope="module", autouse=True)
 def registry() -> spandrel.ArchRegistry:
-    from derestore.archs import install
-
-    install()
-    spandrel_extra_arches.install(ignore_duplicates=True)
+    install_architectures()
     return spandrel.MAIN_REGISTRY
 
 
 @pytest.fixture(scope="module")
-def keys() -> list[tuple[str, list[int], str]]:
-    return read_keys(FIXTURES / "keys.json")
-
-
-@pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / "golden.npz") as data:
-        return dict(data)
+    return read_golden("derestormer")
 
 
 @pytest.fixture(scope="module")
-def filled(keys) -> dict[str, torch.Tensor]:
-    return fill_state_dict(keys, FILL_SCALE)
+def filled() -> dict[str, torch.Tensor]:
+    return filled_state_dict("derestormer", DERESTORMER_SCALE)
 
 
 @pytest.fixture(scope="module")
@@ -139,22 +91,17 @@ def tiny_descriptor(registry) -> ImageModelDescriptor:
 # --------------------------------------------------------------------------- published network
 
 
-def test_default_network_has_the_published_state_dict(keys):
+def test_default_network_has_the_published_state_dict():
     model = DeRestormer()
-    ours = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()]
-    assert ours == keys
-    assert len(ours) == 1386
+    assert key_list(model.state_dict()) == read_keys("derestormer")
+    assert len(model.state_dict()) == 1386
     assert sum(p.numel() for p in model.parameters()) == 34_914_340
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 32_741_515
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
-def test_golden_output_through_spandrel(descriptor, golden, case):
-    with torch.no_grad():
-        out = descriptor.model(torch.from_numpy(golden[f"input_{case}"]))
-    assert isinstance(out, torch.Tensor)  # the full-resolution image alone, not the list of three
-    max_delta = assert_matches_reference(out, golden[f"output_{case}"])
-    print(f"case {case}: max|Δ| = {max_delta:.3g}")
+def test_golden_output_through_spandrel(descriptor, case):
+    assert_golden_case(descriptor.model, "derestormer", case)
 
 
 def test_training_form_matches_the_reference_and_the_folded_model(descriptor, filled, golden):
@@ -334,16 +281,44 @@ def test_hyper_parameters_are_read_and_loading_is_exact(registry, config):
     assert torch.allclose(folded, training_form_output(state_dict, x, **config), atol=1e-5)
 
 
+@pytest.fixture
+def checkpoint(tmp_path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny DeRestormer saved as the published training scripts do, DataParallel prefix included."""
+    state_dict = tiny_state_dict(**TINY)
+    path = tmp_path / "model_best.pth"
+    torch.save({"epoch": 7, "state_dict": {"module." + k: v for k, v in state_dict.items()}, "optimizer": {}}, path)
+    return path, state_dict
+
+
 @pytest.mark.parametrize("prefix", ["", "module."], ids=["plain", "data-parallel"])
-def test_official_containers_load_from_file(tmp_path, registry, prefix):
+def test_official_containers_load_through_derestore(tmp_path, prefix):
     state_dict = tiny_state_dict(**TINY)
     path = tmp_path / "model_best.pth"
     torch.save({"epoch": 7, "state_dict": {prefix + k: v for k, v in state_dict.items()}, "optimizer": {}}, path)
-    loaded = spandrel.ModelLoader().load_from_file(path)
-    assert loaded.architecture.id == "DeRestormer"
+    model = derestore.load(weights=path, device="cpu")
+    assert model.arch == "DeRestormer"
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(loaded.model(x), training_form_output(state_dict, x, **TINY), atol=1e-5)
+        out = model.engine.descriptor.model(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out, training_form_output(state_dict, x, **TINY), atol=1e-5)
+
+
+def test_square_tiles_of_the_published_window_by_default(checkpoint):
+    model = derestore.load(weights=checkpoint[0], device="cpu")
+    assert model.tile == DEFAULT_TILE == 256
+    windows = model.engine.plan(300, 520, model.tile, model.overlap).windows
+    assert {(w.y1 - w.y0, w.x1 - w.x0) for w in windows} == {(256, 256)}
+
+
+def test_published_tiling_replays_the_window_protocol(checkpoint):
+    model = derestore.load(weights=checkpoint[0], device="cpu")
+    image = np.random.default_rng(0).random((3, 40, 56), dtype=np.float32)
+    out, _ = model.restore_array(image, tile=16, tiling="published")
+    with torch.no_grad():
+        windows = window_partition_inference(model.engine.descriptor.model, torch.from_numpy(image)[None], 16)
+    np.testing.assert_allclose(out, windows[0].clamp(0, 1).numpy(), atol=1e-5)
+    with pytest.raises(InputError, match="smaller than the 256×256 window"):
+        model.restore_array(image, tiling="published")
 
 
 def test_lowercase_or_missing_identity_is_accepted(registry):
@@ -396,35 +371,3 @@ def test_low_precision_runs_on_cpu(tiny_descriptor):
             with torch.autocast("cpu", dtype=dtype):
                 out = tiny_descriptor.model(x)
             assert float((out.float() - ref).abs().max()) < 0.1
-
-
-# --------------------------------------------------------------------------- detection
-
-FOREIGN = {
-    "DRSformer": lambda: dict.fromkeys(k for k, _, _ in read_keys(FIXTURES / "foreign" / "drsformer.keys.json")),
-    "DRSformer-200L-SPA": lambda: dict.fromkeys(
-        k for k, _, _ in read_keys(FIXTURES / "foreign" / "drsformer_200l_spa.keys.json")
-    ),
-    "DTPNet": lambda: dict.fromkeys(k for k, _, _ in read_keys(FIXTURES / "foreign" / "dtpnet.keys.json")),
-    "Restormer": lambda: state_dict_on_meta(Restormer),
-    "MPRNet": lambda: state_dict_on_meta(MPRNet),
-    "M3SNet": lambda: state_dict_on_meta(M3SNet),
-}
-
-
-@pytest.mark.parametrize("name", FOREIGN)
-def test_other_architectures_are_not_taken_for_derestormer(name):
-    assert not DeRestormerArch().detect(FOREIGN[name]())
-
-
-@pytest.mark.parametrize("name", ["Restormer", "MPRNet", "M3SNet"])
-def test_spandrel_still_claims_its_own_architectures(registry, name):
-    state_dict = FOREIGN[name]()
-    first = next(a for a in registry.architectures("detection") if a.detect(state_dict))
-    assert first.architecture.id == name
-
-
-def test_only_derestormer_claims_a_derestormer_state_dict(registry, keys):
-    state_dict = dict.fromkeys(k for k, _, _ in keys)
-    claims = [a.architecture.id for a in registry.architectures("detection") if a.detect(state_dict)]
-    assert claims == ["DeRestormer"]

@@ -2,75 +2,42 @@
 
 from __future__ import annotations
 
-import json
-import math
-import zlib
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from spandrel import ImageModelDescriptor, ModelLoader, ModelTiling
-from spandrel_extra_arches.architectures.M3SNet import M3SNet
-from spandrel_extra_arches.architectures.MPRNet import MPRNet
-from spandrel_extra_arches.architectures.Restormer import Restormer, RestormerArch
 
+import derestore
 from derestore.archs.drsformer import DRSformer, DRSformerArch, keep_counts
+from derestore.archs.fill import fill_state_dict
+from derestore.errors import ModelUnavailable
+from derestore.loading import install_architectures
 
-FIXTURES = Path(__file__).parent / "fixtures" / "drsformer"
-REFERENCE_ARCHS = Path("/work/shared/reference/archs")
-VARIANTS = {"full": True, "200l_spa": False}  # fixture folder → has MEFC
+from .arch_support import (
+    assert_golden_case,
+    key_list,
+    meta_state_dict,
+    published_tiling_and_reference,
+    read_keys,
+)
 
-
-def fill_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The reference README's deterministic fill: a fresh generator per key, seeded by crc32(key)."""
-    filled = {}
-    for key, value in state_dict.items():
-        shape = tuple(value.shape)
-        z = np.random.default_rng(zlib.crc32(key.encode("utf-8"))).standard_normal(shape)
-        if len(shape) >= 2:
-            a = z / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith("weight"):
-            a = 1.0 + 0.1 * z
-        else:
-            a = 0.1 * z
-        filled[key] = torch.from_numpy(a.astype(np.float32))
-    return filled
+VARIANTS = {"full": True, "200l_spa": False}  # fixture folder drsformer/<variant> → has MEFC
 
 
-def read_keys(path: Path) -> list[list]:
-    return [json.loads(line.rstrip().rstrip(",")) for line in path.read_text().splitlines() if line.startswith('["')]
-
-
-def key_list(state_dict: dict[str, torch.Tensor]) -> list[list]:
-    return [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state_dict.items()]
-
-
-def keys_only(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict with the right keys and shapes but no storage (for detection only)."""
-    return {k: torch.empty(shape, device="meta") for k, shape, _ in read_keys(path)}
+def filled_model(**config) -> DRSformer:
+    model = DRSformer(**config).eval()
+    model.load_state_dict(fill_state_dict(model.state_dict()))
+    return model
 
 
 @pytest.fixture(scope="module", autouse=True)
 def registered() -> None:
-    import spandrel_extra_arches
-
-    import derestore.archs
-
-    spandrel_extra_arches.install(ignore_duplicates=True)
-    derestore.archs.install()
+    install_architectures()
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def filled(request) -> tuple[str, DRSformer]:
-    model = DRSformer(mefc=VARIANTS[request.param]).eval()
-    model.load_state_dict(fill_state_dict(model.state_dict()))
-    return request.param, model
-
-
-@pytest.fixture(scope="module")
-def restormer_sd() -> dict[str, torch.Tensor]:
-    return Restormer().state_dict()
+    return request.param, filled_model(mefc=VARIANTS[request.param])
 
 
 # --- structure and exactness ------------------------------------------------------
@@ -79,7 +46,7 @@ def restormer_sd() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_state_dict_matches_published_keys(variant):
     model = DRSformer(mefc=VARIANTS[variant])
-    assert key_list(model.state_dict()) == read_keys(FIXTURES / variant / "keys.json")
+    assert key_list(model.state_dict()) == read_keys(f"drsformer/{variant}")
 
 
 def test_keep_counts_follow_published_float_arithmetic():
@@ -88,24 +55,15 @@ def test_keep_counts_follow_published_float_arithmetic():
     assert keep_counts(3) == (1, 2, 2, 2)
 
 
-def test_golden_outputs(filled):
+@pytest.mark.parametrize("case", (0, 1, 2))
+def test_golden_outputs(filled, case):
     variant, model = filled
-    golden = np.load(FIXTURES / variant / "golden.npz")
-    for i in range(3):
-        ref = golden[f"output_{i}"]
-        with torch.no_grad():
-            out = model(torch.from_numpy(golden[f"input_{i}"]))
-        assert isinstance(out, torch.Tensor) and out.shape == ref.shape
-        diff = np.abs(out.numpy() - ref)
-        scale = max(1.0, float(np.abs(ref).max()))
-        assert diff.max() <= 1e-3 * scale, (variant, i, diff.max())
-        assert diff.mean() <= 1e-5 * scale, (variant, i, diff.mean())
+    assert_golden_case(model, f"drsformer/{variant}", case)
 
 
 def test_batch_items_are_independent():
     # MEFC gates per sample (global pooling), so mixing up the batch would show here.
-    model = DRSformer(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2)).eval()
-    model.load_state_dict(fill_state_dict(model.state_dict()))
+    model = filled_model(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2))
     x = torch.rand(3, 3, 16, 24, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         together = model(x)
@@ -130,33 +88,10 @@ def test_bfloat16_forward_keeps_dtype():
 # --- spandrel architecture --------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_detects_both_published_variants(variant):
-    sd = keys_only(FIXTURES / variant / "keys.json")
-    assert DRSformerArch().detect(sd)
-    assert not RestormerArch().detect(sd)
-
-
-@pytest.mark.parametrize("other", ["derestormer", "dtpnet"])
-def test_rejects_other_reference_architectures(other):
-    path = REFERENCE_ARCHS / other / "keys.json"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: the reference folder must be mounted for this test")
-    assert not DRSformerArch().detect(keys_only(path))
-
-
 def test_rejects_half_a_mefc():
-    sd = keys_only(FIXTURES / "full" / "keys.json")
+    sd = meta_state_dict("drsformer/full")
     without_refinement = {k: v for k, v in sd.items() if not k.startswith("refinement.")}
     assert not DRSformerArch().detect(without_refinement)
-
-
-@pytest.mark.parametrize("arch_id", ["Restormer", "MPRNet", "M3SNet"])
-def test_spandrel_detections_undisturbed(arch_id, restormer_sd):
-    sd = {"Restormer": lambda: restormer_sd, "MPRNet": lambda: MPRNet().state_dict(),
-          "M3SNet": lambda: M3SNet().state_dict()}[arch_id]()
-    assert not DRSformerArch().detect(sd)
-    assert ModelLoader().load_from_state_dict(sd).architecture.id == arch_id
 
 
 def test_load_filled_checkpoint_through_spandrel(filled):
@@ -169,6 +104,7 @@ def test_load_filled_checkpoint_through_spandrel(filled):
     assert (descriptor.input_channels, descriptor.output_channels) == (3, 3)
     assert descriptor.size_requirements.multiple_of == 8
     assert descriptor.tiling is ModelTiling.DISCOURAGED
+    assert (descriptor.supports_half, descriptor.supports_bfloat16) == (False, False)
     x = torch.rand(1, 3, 8, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(descriptor.model.eval()(x), model(x), rtol=0, atol=0)
@@ -186,8 +122,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_params_container_file_reads_hyperparameters(name, tmp_path):
-    model = DRSformer(**CONFIGS[name]).eval()
-    model.load_state_dict(fill_state_dict(model.state_dict()))
+    model = filled_model(**CONFIGS[name])
     path = tmp_path / f"{name}.pth"
     torch.save({"params": model.state_dict()}, path)
 
@@ -214,7 +149,34 @@ def test_descriptor_call_pads_odd_sizes():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
-def test_restormer_is_not_claimed_and_drsformer_not_taken_by_restormer(restormer_sd, filled):
-    _, model = filled
-    assert not DRSformerArch().detect(restormer_sd)
-    assert not RestormerArch().detect(model.state_dict())
+SMALL = dict(dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("container", ["params", "params+params_ema"])
+def test_basicsr_containers_load_params_through_derestore(tmp_path, container):
+    # The published test loads `params`; spandrel alone would take `params_ema`.
+    model = filled_model(**SMALL)
+    checkpoint = {"params": model.state_dict()}
+    if container == "params+params_ema":
+        checkpoint["params_ema"] = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    torch.save(checkpoint, tmp_path / "deraining.pth")
+    loaded = derestore.load(weights=tmp_path / "deraining.pth", device="cpu")
+    assert loaded.arch == "DRSformer"
+    x = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.engine.descriptor.model(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_published_tiling_is_the_whole_image_reflect_padded_to_8(tmp_path):
+    # As test.py does it; the tile size is ignored.
+    model = filled_model(**SMALL)
+    torch.save({"params": model.state_dict()}, tmp_path / "deraining.pth")
+    out, expected = published_tiling_and_reference(model, tmp_path / "deraining.pth")
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_inconsistent_feed_forward_widths_are_refused():
+    state_dict = dict(DRSformer(**SMALL).state_dict())
+    state_dict["encoder_level2.0.ffn.project_out.weight"] = torch.zeros(16, 70, 1, 1)
+    with pytest.raises(ModelUnavailable, match="expansion factor"):
+        DRSformerArch().load(state_dict)

@@ -6,9 +6,15 @@ published state dicts key for key.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import ModelUnavailable
+
+PUBLISHED_FFN_EXPANSION = 2.66
 
 
 class BiasFreeLayerNorm(nn.Module):
@@ -123,6 +129,24 @@ def restormer_block(dim: int, heads: int, expansion: float = 2.66, bias: bool = 
                     norm: str = "WithBias") -> TransformerBlock:
     return TransformerBlock(dim, ChannelAttention(dim, heads, bias),
                             GatedFeedForward(dim, expansion, bias), norm)
+
+
+def infer_ffn_expansion(dims: Sequence[int], hiddens: Sequence[int], source: str) -> float:
+    """An expansion factor f with `int(dim·f) == hidden` at every level, read back from a checkpoint.
+
+    The factor itself is not stored, only the widths it produced. Prefers the
+    published 2.66, then a level's exact ratio, then the middle of the
+    interval every level allows; raises ModelUnavailable when no f fits.
+    """
+    low = max(h / d for d, h in zip(dims, hiddens))
+    high = min((h + 1) / d for d, h in zip(dims, hiddens))
+    for f in (PUBLISHED_FFN_EXPANSION, *(h / d for d, h in zip(dims, hiddens)), (low + high) / 2):
+        if all(int(d * f) == h for d, h in zip(dims, hiddens)):
+            return f
+    raise ModelUnavailable(
+        f"{source}: feed-forward widths {list(hiddens)} at {list(dims)} channels fit no single expansion "
+        "factor; the file is damaged or edited — re-download it or re-save it from the published code"
+    )
 
 
 class Downsample(nn.Module):
