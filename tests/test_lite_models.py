@@ -76,3 +76,13 @@ def test_quick_start_restores_the_examples(tmp_path, task):
     before = psnr(clean, read_rgb(EXAMPLES / f"{name}.png"))
     after = psnr(clean, read_rgb(tmp_path / "restored" / f"{name}.png"))
     assert after > before + EXAMPLE_GAIN_DB[task], (before, after)
+
+
+def test_weights_commands_treat_bundled_files_as_cached():
+    res = invoke("weights", "path", "lite-derain")
+    assert res.exit_code == 0, res.output
+    assert Path(res.output.strip()) == ROOT / "derestore" / "lite" / "lite-derain.safetensors"
+    res = invoke("weights", "verify", "lite-derain", "--json")
+    assert res.exit_code == 0, res.output
+    assert '"status": "ok"' in res.output
+    assert (ROOT / "derestore" / "lite" / "lite-derain.safetensors").is_file()
