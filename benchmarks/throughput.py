@@ -81,6 +81,15 @@ def synthetic_images(folder: Path, count: int, width: int, height: int) -> list[
     return paths
 
 
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, …) in bytes (Linux only)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status (Linux only)")
+
+
 class PeakRSS:
     """Samples this process's resident set size on a thread; `peak` is the maximum seen, in bytes."""
 
@@ -89,11 +98,7 @@ class PeakRSS:
 
     @staticmethod
     def now() -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return status_bytes("VmRSS")
 
     def __enter__(self) -> "PeakRSS":
         self.start = self.peak = self.now()

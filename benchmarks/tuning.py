@@ -19,20 +19,12 @@ import time
 from pathlib import Path
 
 
-def peak_rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def measure(name: str, repeat: int, threads: int) -> dict[str, object]:
     import spandrel
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import build_state
+    from throughput import build_state, status_bytes
 
     from derestore.loading import install_architectures
 
@@ -44,7 +36,7 @@ def measure(name: str, repeat: int, threads: int) -> dict[str, object]:
     with torch.inference_mode():
         for side in (256, 384):  # memory first, before any channels_last copy exists
             descriptor(torch.rand(1, 3, side, side))
-            peaks.append(peak_rss())
+            peaks.append(status_bytes("VmHWM"))
         x = torch.rand(1, 3, 256, 256)
         times: dict[str, list[float]] = {"contiguous": [], "channels_last": []}
         for _ in range(repeat):

@@ -231,8 +231,7 @@ def parse_tile(value: str | int | None) -> int | str | None:
 
 
 def check_tiling(tile: int | str | None, overlap: int | None, tiling: str) -> None:
-    if isinstance(tile, str) and tile != AUTO:
-        raise UsageError(f"--tile {tile}: give a size in pixels, 0 (whole image) or auto")
+    tile = parse_tile(tile)
     if isinstance(tile, int) and tile < 0:
         raise UsageError(f"--tile {tile}: must be 0 (whole image), a positive size or auto")
     if overlap is not None and overlap < 0:
@@ -250,6 +249,7 @@ def restore(inputs: list[str] | str | list[Job], output: str | Path | None = Non
 
     Yields one `Result` per input, in input order, as each finishes.
     """
+    tile = parse_tile(tile)
     check_tiling(tile, overlap, tiling)
     if isinstance(inputs, list) and inputs and isinstance(inputs[0], Job):
         jobs = list(inputs)  # type: ignore[arg-type]

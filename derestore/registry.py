@@ -102,6 +102,16 @@ class Registry:
     def for_task(self, task: str) -> list[ModelRecord]:
         return [m for m in self.models.values() if m.task == task]
 
+    def bundled_fallbacks(self) -> dict[str, list[ModelRecord]]:
+        """Tasks that default to a bundled model because none of their published checkpoints downloads
+        by itself, with those checkpoints."""
+        fallbacks = {}
+        for name, task in self.tasks.items():
+            published = [r for r in self.for_task(name) if not r.bundled]
+            if self.models[task.default].bundled and published and not any(r.sources for r in published):
+                fallbacks[name] = published
+        return fallbacks
+
 
 def builtin_path() -> Path:
     return Path(str(resources.files("derestore").joinpath("weights.toml")))

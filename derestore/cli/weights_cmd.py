@@ -112,22 +112,11 @@ def models(
                 emit_json(info)
             return
         _print_table(infos)
-        for name, reason in lite_defaults(registry).items():
+        for name, published in registry.bundled_fallbacks().items():
             if task is None or task == name:
-                console.print(f"note: {name} defaults to the bundled {registry.tasks[name].default}: {reason}")
-
-
-def lite_defaults(registry: Registry) -> dict[str, str]:
-    """Tasks whose default is a bundled model because no published checkpoint downloads by itself."""
-    notes = {}
-    for name, task in registry.tasks.items():
-        if not registry.models[task.default].bundled:
-            continue
-        published = [r for r in registry.for_task(name) if not r.bundled]
-        if published and not any(r.sources for r in published):
-            notes[name] = (f"its published checkpoints ({', '.join(r.name for r in published)}) need a manual "
-                           "download; import one with `derestore weights import NAME FILE` and pass -m NAME")
-    return notes
+                console.print(f"note: {name} defaults to the bundled {registry.tasks[name].default}: its published "
+                              f"checkpoints ({', '.join(r.name for r in published)}) need a manual download; "
+                              "import one with `derestore weights import NAME FILE` and pass -m NAME")
 
 
 def _print_table(infos: list[dict[str, Any]]) -> None:
