@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import derestore
 from derestore import metrics
+from derestore.errors import ModelUnavailable
+from derestore.loading import load_model
 from derestore.registry import load_registry
 from training.degrade import degrade
 
@@ -58,6 +64,25 @@ def test_lite_model_improves_a_fresh_synthetic_pair(task):
     out, _ = model.restore_array(bad.transpose(2, 0, 1).astype(np.float32) / 255, tile=0)
     restored = np.round(out.transpose(1, 2, 0) * 255).astype(np.uint8)
     assert psnr(clean, restored) >= psnr(clean, bad) + MARGIN_DB[task]
+
+
+def test_lite_models_start_without_importing_the_extra_architectures():
+    code = ("import sys, derestore; derestore.load(model='lite-derain', device='cpu'); "
+            "print('spandrel_extra_arches' in sys.modules)")
+    env = {**os.environ, "DERESTORE_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_loading_as_the_expected_core_architecture_matches_full_detection():
+    path = ROOT / "derestore" / "lite" / "lite-deblur.safetensors"
+    fast = load_model(path, expected_arch="NAFNet").descriptor.model
+    full = load_model(path).descriptor.model
+    x = torch.rand(1, 3, 48, 64)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), full(x))
+    with pytest.raises(ModelUnavailable, match="is a NAFNet checkpoint, not DeRestormer"):
+        load_model(path, expected_arch="DeRestormer")
 
 
 def test_desnow_defaults_to_the_lite_model_and_models_says_why():

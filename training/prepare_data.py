@@ -1,9 +1,10 @@
-"""Fetch openly licensed wallpaper photographs from Debian packages and prepare a train/test split.
+"""Fetch openly licensed photographs and prepare a train/test split.
 
 Usage: python -m training.prepare_data [--out training/data]
 
-Needs only `apt-get download` and `dpkg -x` (no root, nothing is installed). Photos are downscaled
-so that training crops see real detail at a size a CPU can read quickly.
+Sources: the wallpaper packages of Debian (`apt-get download` + `dpkg -x`) and the colour
+photographs bundled in scikit-image's wheel (`pip download`, read as a zip); nothing is installed.
+Photos are downscaled so that training crops see real detail at a size a CPU can read quickly.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-PACKAGES = ("plasma-workspace-wallpapers", "mate-backgrounds", "gnome-backgrounds", "ukui-wallpapers")
+PACKAGES = ("plasma-workspace-wallpapers", "mate-backgrounds", "gnome-backgrounds", "ukui-wallpapers",
+            "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04")
+SKIMAGE = "scikit-image==0.26.0"
+# The wheel's colour photographs; their licences are stated in skimage/data/_fetchers.py.
+SKIMAGE_PHOTOS = {
+    "astronaut.png": "public domain (NASA)",
+    "chelsea.png": "CC0 (Stefan van der Walt)",
+    "coffee.png": "CC0 (Rachel Michetti)",
+    "rocket.jpg": "public domain (SpaceX)",
+}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 RESOLUTION = re.compile(r"\d+x\d+")
 RESOLUTION_SUFFIX = re.compile(r"_\d+x\d+$")
@@ -53,6 +64,27 @@ def extract(deb: Path, root: Path) -> Path:
     if not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    return root
+
+
+def skimage_photos(out: Path) -> Path:
+    """Extracts SKIMAGE_PHOTOS from scikit-image's wheel into `out/extract/scikit-image`."""
+    root = out / "extract" / "scikit-image"
+    if not root.exists():
+        wheels = out / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        if not list(wheels.glob("scikit_image-*.whl")):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                            "-d", str(wheels), SKIMAGE], check=True)
+        wheel = sorted(wheels.glob("scikit_image-*.whl"))[-1]
+        tmp = root.with_suffix(".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z:
+            for name in SKIMAGE_PHOTOS:
+                (tmp / name).write_bytes(z.read(f"skimage/data/{name}"))
+        tmp.replace(root)
+    (out / "licences" / "scikit-image.txt").write_text(
+        "".join(f"{name}: {licence}\n" for name, licence in SKIMAGE_PHOTOS.items()))
     return root
 
 
@@ -91,10 +123,13 @@ def prepare(out: Path) -> list[Photo]:
     photos: list[Photo] = []
     licence_dir = out / "licences"
     licence_dir.mkdir(parents=True, exist_ok=True)
+    roots = {}
     for package in PACKAGES:
-        root = extract(download(package, out / "debs"), out / "extract" / package)
-        for cp in root.glob("usr/share/doc/*/copyright"):
+        roots[package] = extract(download(package, out / "debs"), out / "extract" / package)
+        for cp in roots[package].glob("usr/share/doc/*/copyright"):
             shutil.copy(cp, licence_dir / f"{package}.copyright")
+    roots["scikit-image"] = skimage_photos(out)
+    for package, root in roots.items():
         for key, src in sorted(largest_per_picture(root).items()):
             img = cv2.imread(str(src), cv2.IMREAD_COLOR)
             if img is None or min(img.shape[:2]) < MIN_SIDE:

@@ -5,6 +5,10 @@
 Runs until `--steps` or `--minutes` (whichever first), checkpointing every `--every` steps to
 `<run>/last.pt`; running the same command again resumes from it (model, optimiser, step, RNG).
 fp32 on CPU, bf16 autocast on CUDA.
+
+`--init OTHER/last.pt` starts a new run from another run's weights, possibly of a smaller shape:
+a NAFNet block's output scales (beta, gamma) start at zero, so blocks the smaller network lacks
+start as identities and the grown network computes exactly what the smaller one did.
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ def build(shape: Shape) -> NAFNet:
                   enc_blk_nums=list(shape.enc), dec_blk_nums=list(shape.dec))
 
 
+def grow(model: NAFNet, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Loads a smaller NAFNet's weights; the blocks it lacks keep their identity initialisation."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith(("encoders.", "middle_blks.", "decoders.")) for k in missing):
+        raise SystemExit(f"{source} does not fit inside this shape (unexpected {unexpected[:3]}, missing "
+                         f"{missing[:3]}): --init needs a network with the same width and fewer blocks")
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     """Linear warm-up, then cosine decay to 1% of the peak at `total`."""
     if step < warmup:
@@ -71,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--every", type=int, default=100, help="checkpoint interval in steps")
+    p.add_argument("--init", type=Path, help="start a new run from this checkpoint's weights (see above)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -97,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed {ckpt} at step {step}", flush=True)
+    elif args.init:
+        grow(model, torch.load(args.init, map_location=device, weights_only=False)["model"], args.init)
+        print(f"initialised from {args.init}", flush=True)
     (run / "config.json").write_text(json.dumps(config, indent=1))
     photos = load_photos("train")
     log = (run / "log.tsv").open("a")
