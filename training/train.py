@@ -45,10 +45,14 @@ def build(shape: Shape) -> NAFNet:
 
 def grow(model: NAFNet, weights: dict[str, torch.Tensor], source: Path) -> None:
     """Loads a smaller NAFNet's weights; the blocks it lacks keep their identity initialisation."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    fix = "--init needs a network of the same width with no more blocks per level"
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # tensors of another size: another width
+        raise SystemExit(f"{source} does not fit inside this shape ({str(exc).splitlines()[1].strip()}): {fix}") from None
     if unexpected or any(not k.startswith(("encoders.", "middle_blks.", "decoders.")) for k in missing):
-        raise SystemExit(f"{source} does not fit inside this shape (unexpected {unexpected[:3]}, missing "
-                         f"{missing[:3]}): --init needs a network with the same width and fewer blocks")
+        raise SystemExit(f"{source} does not fit inside this shape (unexpected {unexpected[:3]}, "
+                         f"missing {missing[:3]}): {fix}")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
