@@ -24,11 +24,11 @@ from .test_cli_restore import invoke
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 TASKS = {"derain": "rain", "desnow": "snow", "dehaze": "haze", "deblur": "blur", "denoise": "noise"}
-# Minimum PSNR gain on a freshly degraded held-out crop (measured: +9.3, +6.8, +8.5, +0.34, +10.3 dB).
-MARGIN_DB = {"derain": 3.0, "desnow": 3.0, "dehaze": 3.0, "deblur": 0.2, "denoise": 5.0}
-# On the shipped examples (measured: +8.9, -0.3, +6.3, +0.4, +10.2 dB). lite-desnow over-processes
-# light snow on a flat picture like this pier, as MODELS.md reports; it must not do real harm.
-EXAMPLE_GAIN_DB = {"derain": 3.0, "desnow": -0.5, "dehaze": 3.0, "deblur": 0.2, "denoise": 5.0}
+# Minimum PSNR gain on a freshly degraded held-out crop (measured: +9.3, +5.6, +11.7, +0.52, +10.3 dB).
+MARGIN_DB = {"derain": 4.0, "desnow": 3.0, "dehaze": 3.0, "deblur": 0.3, "denoise": 5.0}
+# On the shipped examples (measured: +8.9, +7.5, +10.6, +0.28, +10.2 dB); lite-deblur misses its
+# target (MODELS.md), so its bar is only "not worse".
+EXAMPLE_GAIN_DB = {"derain": 4.0, "desnow": 3.0, "dehaze": 3.0, "deblur": 0.1, "denoise": 5.0}
 
 
 @pytest.fixture(autouse=True)
