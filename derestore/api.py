@@ -230,7 +230,8 @@ def parse_tile(value: str | int | None) -> int | str | None:
         raise UsageError(f"--tile {value}: give a size in pixels, 0 (whole image) or auto") from None
 
 
-def check_tiling(tile: int | str | None, overlap: int | None, tiling: str) -> None:
+def check_tiling(tile: int | str | None, overlap: int | None, tiling: str) -> int | str | None:
+    """Refuses bad tiling options; returns `tile` parsed (see parse_tile)."""
     tile = parse_tile(tile)
     if isinstance(tile, int) and tile < 0:
         raise UsageError(f"--tile {tile}: must be 0 (whole image), a positive size or auto")
@@ -238,6 +239,7 @@ def check_tiling(tile: int | str | None, overlap: int | None, tiling: str) -> No
         raise UsageError(f"--overlap {overlap}: must not be negative")
     if tiling not in TILINGS:
         raise UsageError(f"--tiling '{tiling}' is not one of {', '.join(TILINGS)}")
+    return tile
 
 
 def restore(inputs: list[str] | str | list[Job], output: str | Path | None = None, *, model: Model,
@@ -249,8 +251,7 @@ def restore(inputs: list[str] | str | list[Job], output: str | Path | None = Non
 
     Yields one `Result` per input, in input order, as each finishes.
     """
-    tile = parse_tile(tile)
-    check_tiling(tile, overlap, tiling)
+    tile = check_tiling(tile, overlap, tiling)
     if isinstance(inputs, list) and inputs and isinstance(inputs[0], Job):
         jobs = list(inputs)  # type: ignore[arg-type]
     else:

@@ -92,8 +92,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                 from ..errors import UsageError
 
                 raise UsageError(f"--max-pixels {max_pixels}: must be 0 (no limit) or positive")
-            tile = api.parse_tile(tile)
-            api.check_tiling(tile, overlap, tiling)
+            tile = api.check_tiling(tile, overlap, tiling)
             jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
                             from_list=from_list, shard=shard)
             truth = api.GroundTruth.open(gt, protocol, crop_border) if gt is not None else None
