@@ -1,7 +1,7 @@
 """derestore: restore degraded photographs with published state-of-the-art networks.
 
-`derestore.load(...)` and `derestore.restore(...)` are the API the CLI itself
-uses; they are imported on first use so that `import derestore` stays light.
+`derestore.run(...)`, `derestore.load(...)` and `derestore.restore(...)` are the API
+the CLI itself uses; they are imported on first use so that `import derestore` stays light.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "restore", "__version__"]
+__all__ = ["load", "restore", "run", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "restore"):
+    if name in ("load", "restore", "run"):
         from . import api
 
         return getattr(api, name)

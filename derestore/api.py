@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import imageio
-from .errors import UsageError
+from .errors import DeviceFailure, ModelUnavailable, UsageError
 from .pipeline import (Job, Result, Scorer, discover, parse_shard, plan_jobs, read_list,
                        remove_stale_temp_files, run_jobs)
 from .pipeline import shard as pipeline_shard
 from .registry import ModelRecord, Registry, load_registry
+from .runner import RunReport as RunReport
+from .runner import run as run
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -67,7 +69,7 @@ class Model:
         """
         import torch
 
-        from .engine import is_out_of_memory
+        from .engine import is_device_failure, is_out_of_memory
 
         tile = self.tile if tile is None else tile
         if tile == AUTO:
@@ -78,13 +80,16 @@ class Model:
             try:
                 out = self._run(image, tile, overlap, tiling, None)
                 break
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            except (RuntimeError, MemoryError) as exc:
+                if is_device_failure(exc):
+                    raise DeviceFailure(f"{self.engine.device} failed: {' '.join(str(exc).split())[:300]}; "
+                                        "the run stops here, finished outputs are kept") from exc
                 smaller = _halve_tile(tile, image.shape[1:], overlap)
                 if not is_out_of_memory(exc) or smaller is None:
                     raise
                 if self.engine.device.type == "cuda":
                     torch.cuda.empty_cache()
-                self._say_once(notes, "oom", f"out of device memory at tile {tile or 'whole image'}; "
+                self._say_once(notes, "oom", f"out of memory at tile {tile or 'whole image'}; "
                                              f"retrying with smaller tiles (first retry: {smaller})")
                 tile = smaller
         if self.engine.compile_seconds is not None:
@@ -151,22 +156,17 @@ def _hint(registry: Registry, record: ModelRecord | None, arch: str, field_name:
 
 def load(*, task: str | None = None, model: str | None = None, weights: str | Path | None = None,
          device: str = "auto", precision: str = "auto", batch_size: int = 4, layout: str = "auto",
-         compile: bool = False, offline: bool | None = None, registry: Registry | None = None) -> Model:
+         compile: bool = False, offline: bool | None = None, registry: Registry | None = None,
+         download_progress: Callable[[str, int, int | None], None] | None = None) -> Model:
     """Resolve a task / registry name / checkpoint file to a ready-to-run model.
 
     Precedence: `weights` (a file), then `model` (a registry name), then the task's default.
-    `layout`: auto | channels_last | contiguous; `compile`: run the network through torch.compile.
+    `layout`: auto | channels_last | contiguous; `compile`: run the network through torch.compile;
+    `download_progress(name, done, total)` is called while a checkpoint downloads. A
+    ModelUnavailable raised for a registry model lists in `alternatives` the bundled models
+    of the same task, which need no download.
     """
-    from .engine import LAYOUTS, PRECISIONS, Engine, choose_device
-    from .loading import load_model
-
-    choose_device(device)
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-    if layout not in LAYOUTS:
-        raise UsageError(f"--layout '{layout}' is not one of {', '.join(LAYOUTS)}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size)
     registry = registry or load_registry()
     if weights is not None and model is not None:
         raise UsageError("give either --model or --weights, not both")
@@ -175,6 +175,8 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UsageError(f"--weights {path}: no such file; check the path")
+        from .loading import load_model
+
         loaded = load_model(path)
         name = path.stem
     else:
@@ -186,9 +188,19 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
             raise UsageError("name a task, a --model or a --weights file")
         from . import hub
 
-        path = hub.fetch(record, offline=offline)
+        try:
+            # The loader (spandrel: seconds to import) comes after the download, so that a machine
+            # without network learns it at once.
+            path = hub.fetch(record, offline=offline, progress=download_progress, check=_loads_as(record))
+        except ModelUnavailable as exc:
+            exc.alternatives = [m.name for m in registry.for_task(record.task) if m.bundled and m is not record]
+            raise
+        from .loading import load_model
+
         loaded = load_model(path, container=record.container, expected_arch=record.arch)
         name = record.name
+    from .engine import Engine
+
     engine = Engine.create(loaded.descriptor, device=device, precision=precision, batch_size=batch_size,
                            layout=layout, compile=compile)
     return Model(
@@ -200,6 +212,30 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         overlap=_hint(registry, record, loaded.arch, "overlap", DEFAULT_OVERLAP),
         _sha256=record.sha256 if record else None,
     )
+
+
+def _loads_as(record: ModelRecord) -> Callable[[Path], None]:
+    """The hub's check that an unpinned download really is a checkpoint of the record's architecture."""
+    def check(path: Path) -> None:
+        from .loading import check_loads
+
+        check_loads(path, arch=record.arch, container=record.container)
+
+    return check
+
+
+def check_engine_options(*, device: str = "auto", precision: str = "auto", layout: str = "auto",
+                         batch_size: int = 4) -> None:
+    """Refuse a bad device, precision, layout or batch size before anything is loaded."""
+    from .engine import LAYOUTS, PRECISIONS, choose_device
+
+    choose_device(device)
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout '{layout}' is not one of {', '.join(LAYOUTS)}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
 
 
 def plan(inputs: list[str] | str, output: str | Path, *, recursive: bool = False, ext: str | None = None,
@@ -267,6 +303,16 @@ def restore(inputs: list[str] | str | list[Job], output: str | Path | None = Non
                     max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast, score=score)
 
 
+def check_protocol(protocol: str, crop_border: int = 0) -> None:
+    """Refuse an unknown metrics protocol or a negative crop border."""
+    from .metrics import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol '{protocol}' is not one of {', '.join(PROTOCOLS)}")
+    if crop_border < 0:
+        raise UsageError(f"--crop-border {crop_border}: must not be negative")
+
+
 @dataclass
 class GroundTruth:
     """Scores each output as it is written against the same-stem file in a ground-truth folder."""
@@ -281,15 +327,11 @@ class GroundTruth:
     @classmethod
     def open(cls, folder: str | Path, protocol: str = "restormer", crop_border: int = 0) -> GroundTruth:
         from .evaluate import RunningMeans
-        from .metrics import PROTOCOLS
 
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise UsageError(f"--gt {folder}: not a folder; give the folder of ground-truth images")
-        if protocol not in PROTOCOLS:
-            raise UsageError(f"--protocol '{protocol}' is not one of {', '.join(PROTOCOLS)}")
-        if crop_border < 0:
-            raise UsageError(f"--crop-border {crop_border}: must not be negative")
+        check_protocol(protocol, crop_border)
         by_stem = {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and imageio.is_image_path(p)}
         return cls(folder, protocol, crop_border, by_stem, RunningMeans())
 

@@ -6,15 +6,17 @@ import functools
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from spandrel import ImageModelDescriptor
 
 from . import tuning
 from .errors import UsageError
 from .tiling import SizeRule, TilePlan, fit_tile, plan_tiles, reflect_indices
+
+if TYPE_CHECKING:
+    from spandrel import ImageModelDescriptor
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LAYOUTS = ("auto", "channels_last", "contiguous")
@@ -86,13 +88,22 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def use_all_cores() -> None:
-    """torch defaults to the physical cores it sees; use every core this process may run on."""
+def cpu_threads() -> int:
+    """The CPU threads a command-line run should use: `OMP_NUM_THREADS`, else `SLURM_CPUS_PER_TASK`,
+    else every core this process may run on (its affinity mask). Invalid values are skipped."""
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        raw = os.environ.get(name, "").strip().split(",")[0]
+        if raw.isdigit() and int(raw) > 0:
+            return int(raw)
     try:
-        cores = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
-        cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
+        return os.cpu_count() or 1
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Process-wide: only when the caller asks (the CLI does, with `cpu_threads()`)."""
+    torch.set_num_threads(threads)
 
 
 def size_rule(descriptor: ImageModelDescriptor) -> SizeRule:
@@ -131,9 +142,7 @@ class Engine:
         dev = choose_device(device)
         dtype = choose_precision(precision, descriptor, dev)
         channels_last = choose_layout(layout, descriptor)
-        if dev.type == "cpu":
-            use_all_cores()
-        else:
+        if dev.type != "cpu":
             # Tiles and same-size datasets repeat one shape, for which the tuned kernels pay off.
             torch.backends.cudnn.benchmark = True
         descriptor.to(dev)
@@ -165,14 +174,21 @@ class Engine:
             batch = batch.contiguous(memory_format=torch.channels_last)
         started = time.perf_counter() if self.compile_pending else 0.0
         if dtype == torch.float32:
-            out = self.descriptor(batch)
+            out = self._call(batch)
         else:
             with torch.autocast(self.device.type, dtype=dtype):
-                out = self.descriptor(batch).float()
+                out = self._call(batch).float()
         if self.compile_pending:
             self.compile_pending = False
             self.compile_seconds = time.perf_counter() - started
         return out
+
+    def _call(self, batch: torch.Tensor) -> torch.Tensor:
+        """The network on (B, 3, H, W); a grayscale network restores each colour plane on its own."""
+        if self.descriptor.input_channels != 1:
+            return self.descriptor(batch)
+        b, c, h, w = batch.shape
+        return self.descriptor(batch.reshape(b * c, 1, h, w)).reshape(b, c, h, w)
 
     def bytes_per_pixel(self) -> float:
         """Peak forward memory per input pixel: probed on a GPU, the measured table on the CPU."""
@@ -237,8 +253,25 @@ class Engine:
         return result[:, :h, :w].clamp_(0, 1).cpu().numpy()
 
 
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+# CUDA errors after which the context is unusable: every later call fails too.
+_FATAL_MESSAGES = ("cuda error", "device-side assert", "cublas_status", "cudnn_status_internal_error",
+                   "cuda driver", "illegal memory access", "unspecified launch failure")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA (and CPU allocator) out-of-memory errors, which a smaller tile can avoid."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    """Out-of-memory errors of CUDA and of the CPU allocator, which a smaller tile can avoid."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """An error that leaves the device unusable for the rest of the process (not out-of-memory)."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    if accelerator_error and isinstance(exc, accelerator_error) and not is_out_of_memory(exc):
+        return True
+    if not isinstance(exc, RuntimeError) or is_out_of_memory(exc):
+        return False
+    text = str(exc).lower()
+    return any(m in text for m in _FATAL_MESSAGES)

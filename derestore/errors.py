@@ -16,12 +16,22 @@ class UsageError(DerestoreError):
 
 
 class ModelUnavailable(DerestoreError):
-    """A checkpoint that cannot be found, fetched, verified or loaded (exit 3)."""
+    """A checkpoint that cannot be found, fetched, verified or loaded (exit 3).
+
+    `alternatives`: bundled models of the same task, which need no download.
+    """
 
     exit_code = 3
+    alternatives: tuple[str, ...] | list[str] = ()
 
 
 class InputError(DerestoreError):
     """One input file that cannot be read or decoded; the batch goes on (exit 1 at the end)."""
+
+    exit_code = 1
+
+
+class DeviceFailure(DerestoreError):
+    """The device cannot go on (a CUDA error that poisons the context): the run stops, exit 1."""
 
     exit_code = 1

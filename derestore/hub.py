@@ -4,7 +4,7 @@ Cache layout (root = `$DERESTORE_HOME`, default platformdirs' user cache dir):
 
     <root>/checkpoints/<name>/<file name>              the checkpoint
     <root>/checkpoints/<name>/<file name>.meta.json    source, sha256, size, time, stat stamp
-    <root>/checkpoints/<name>/.<file name>.<src>.<token>.incomplete(.json)   partial downloads
+    <root>/checkpoints/<name>/.<file name>.<src>.<token>.incomplete<ext>(.json)   partial downloads
     <root>/locks/<name>.lock                           one lock per checkpoint
 
 Correctness never rests on the lock (flock silently succeeds for everyone on
@@ -12,12 +12,21 @@ some cluster file systems): every process downloads into its own temp file,
 verifies it, writes the metadata, then renames it into place. Without a
 working lock the worst case is a duplicate download, never a half file.
 
+A file the registry does not pin (no sha256 or git blob id) is trusted only
+once the caller's `check` has loaded it as the record's architecture; its
+digest is then recorded and every later download must match it.
+
+The hub never prints: it logs to `derestore.hub` and reports download
+progress through the caller's `progress(name, done, total)` callback.
+
 Environment:
     DERESTORE_HOME        cache root
     DERESTORE_OFFLINE=1   never touch the network (local and file:// sources still work)
     DERESTORE_MIRROR      base URL (or directory); `<base>/<file name>` is tried first
     DERESTORE_TIMEOUT     read timeout in seconds (default 30; connect timeout ≤ 10)
-    DERESTORE_RETRIES     retries per source after connection errors, 5xx, short reads (default 5)
+    DERESTORE_RETRIES     retries per source after dropped or stalled connections, 5xx, short reads,
+                          counted afresh only when the partial file grew beyond its best size (default 5);
+                          a host that does not resolve or refuses connections is not retried
     DERESTORE_BACKOFF     first backoff sleep in seconds, doubled per retry (default 1)
     DERESTORE_GDRIVE_URL  Google Drive download endpoint (default https://drive.google.com/uc)
 """
@@ -26,10 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
-import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,7 +54,7 @@ import filelock
 import requests
 import urllib3
 
-from . import __version__
+from . import __version__, atomic
 from .errors import ModelUnavailable, UsageError
 from .registry import ModelRecord
 
@@ -64,8 +73,17 @@ MAX_BACKOFF = 20.0
 # abandoned; the same delay lets a waiter stop trusting a lock nobody serves.
 STALE_SECONDS = 60.0
 _PART_SUFFIX = ".incomplete"
+# .<file name>.<source key>.<token>.incomplete<ext>; the sidecar adds ".json" (see _Partial).
+_PART_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.incomplete(\.[A-Za-z0-9_+-]+)?")
 _ACTIVE: set[str] = set()  # partials this process is writing right now (any thread)
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+")
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int | None], None]
+"""`progress(model name, bytes done, total bytes or None)`, called as a download advances."""
+CheckCallback = Callable[[Path], None]
+"""`check(path)` raises ModelUnavailable unless the file loads as the record's architecture."""
 
 
 # ---------------------------------------------------------------- cache layout
@@ -134,14 +152,8 @@ def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _write_entry(record: ModelRecord, entry: CacheEntry) -> None:
-    _write_json(_meta_path(record), asdict(entry))
+    atomic.write_text(_meta_path(record), json.dumps(asdict(entry), indent=1))
 
 
 def sha256_file(path: Path) -> str:
@@ -253,14 +265,6 @@ def remove(record: ModelRecord) -> list[Path]:
 
 
 # ---------------------------------------------------------------- messages
-
-
-def _say(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False).print(
-        message, markup=False, soft_wrap=True
-    )
 
 
 def _import_command(record: ModelRecord) -> str:
@@ -375,12 +379,14 @@ class Settings:
 # ---------------------------------------------------------------- locking
 
 
+def _is_partial(path: Path) -> bool:
+    return _PART_NAME.fullmatch(path.name) is not None and not path.name.endswith(".json")
+
+
 def _partials(folder: Path, prefix: str = "") -> list[Path]:
     if not folder.is_dir():
         return []
-    return [
-        p for p in folder.iterdir() if p.name.startswith("." + prefix) and p.name.endswith(_PART_SUFFIX)
-    ]
+    return [p for p in folder.iterdir() if p.name.startswith("." + prefix) and _is_partial(p)]
 
 
 def _recently_active(folder: Path) -> bool:
@@ -402,7 +408,7 @@ def _lock(record: ModelRecord) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = filelock.FileLock(str(path))
     except OSError as exc:
-        _say(f"cannot create lock {path} ({exc}); going on without it")
+        log.warning("cannot create lock %s (%s); going on without it", path, exc)
         yield
         return
     started = time.monotonic()
@@ -416,15 +422,15 @@ def _lock(record: ModelRecord) -> Iterator[None]:
         except filelock.Timeout:
             waited = time.monotonic() - started
             if not told:
-                _say(f"waiting for another process fetching {record.name} (lock {path})")
+                log.info("waiting for another process fetching %s (lock %s)", record.name, path)
                 told = True
             # A lock left by a dead process on a file system without flock must not
             # hang a batch job: nobody writing a partial for a while means nobody is coming.
             if waited > STALE_SECONDS and not _recently_active(model_dir(record)):
-                _say(f"lock {path} looks stale; going on without it")
+                log.warning("lock %s looks stale; going on without it", path)
                 break
         except (OSError, NotImplementedError) as exc:
-            _say(f"cannot lock {path} ({exc}); going on without the lock")
+            log.warning("cannot lock %s (%s); going on without the lock", path, exc)
             break
     try:
         yield
@@ -450,8 +456,9 @@ class _Partial:
             return {}
 
     def write_info(self, **info: object) -> None:
-        info.update(host=socket.gethostname(), pid=os.getpid())
-        _write_json(self.info_path, info)
+        # (tag, pid) name the writer where its PID means something: see atomic.writer_alive.
+        info.update(tag=atomic.host_tag(), pid=os.getpid())
+        atomic.write_text(self.info_path, json.dumps(info, indent=1))
 
     def size(self) -> int:
         try:
@@ -464,29 +471,32 @@ class _Partial:
         self.info_path.unlink(missing_ok=True)
 
 
+def _partial_path(folder: Path, name: str, key: str) -> Path:
+    # The file's extension is kept last, so a check that goes by it (e.g. .safetensors) sees the real type.
+    ext = Path(name).suffix
+    if ext.lower() == ".json":
+        ext = ""
+    return folder / f".{name}.{key}.{uuid.uuid4().hex[:12]}{_PART_SUFFIX}{ext}"
+
+
 def _new_partial(folder: Path, name: str, key: str) -> _Partial:
-    part = _Partial(folder / f".{name}.{key}.{uuid.uuid4().hex[:12]}{_PART_SUFFIX}")
+    part = _Partial(_partial_path(folder, name, key))
     part.path.touch()
     return part
 
 
 def _abandoned(part: Path, info: dict) -> bool:
+    """Nobody wrote it for STALE_SECONDS, or its writer provably died (same host, boot and PID namespace)."""
     try:
         age = time.time() - part.stat().st_mtime
     except OSError:
         return False
     if age > STALE_SECONDS:
         return True
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        if info["pid"] == os.getpid():
-            return str(part) not in _ACTIVE
-        try:
-            os.kill(info["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-    return False
+    tag, pid = info.get("tag"), info.get("pid")
+    if tag == atomic.host_tag() and pid == os.getpid():
+        return str(part) not in _ACTIVE
+    return not atomic.writer_alive(tag, pid)
 
 
 def _claim_partial(folder: Path, name: str, key: str) -> _Partial | None:
@@ -495,7 +505,7 @@ def _claim_partial(folder: Path, name: str, key: str) -> _Partial | None:
         info = _Partial(old).read_info()
         if not _abandoned(old, info):
             continue
-        mine = _Partial(folder / f".{name}.{key}.{uuid.uuid4().hex[:12]}{_PART_SUFFIX}")
+        mine = _Partial(_partial_path(folder, name, key))
         try:
             os.rename(old, mine.path)
         except OSError:
@@ -507,16 +517,17 @@ def _claim_partial(folder: Path, name: str, key: str) -> _Partial | None:
         # Mark it ours at once, so no other process takes it for abandoned in turn.
         os.utime(mine.path)
         if mine.info_path.exists():
-            mine.write_info(**{k: v for k, v in mine.read_info().items() if k not in ("host", "pid")})
+            mine.write_info(**{k: v for k, v in mine.read_info().items() if k not in ("host", "tag", "pid")})
         return mine
     return None
 
 
 def _sweep(folder: Path) -> None:
-    """Remove partial downloads that nobody will resume."""
+    """Remove partial downloads that nobody will resume, and metadata temp files of dead writers."""
     for part in _partials(folder):
         if _abandoned(part, _Partial(part).read_info()):
             _Partial(part).discard()
+    atomic.sweep(folder)
 
 
 # ---------------------------------------------------------------- transfers
@@ -544,6 +555,7 @@ class _Result:
     part: _Partial
     sha256: str
     size: int
+    content_type: str | None = None  # the server's Content-Type ("" when it gave none); None for a local copy
 
 
 def _chunks(resp: requests.Response) -> Iterator[bytes]:
@@ -578,48 +590,6 @@ def _content_range(value: str) -> tuple[int, int | None] | None:
         return None
 
 
-class _Progress:
-    """A rich progress bar on a TTY, nothing otherwise."""
-
-    def __init__(self, enabled: bool, label: str):
-        self.bar = None
-        self.task = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(label, total=None)
-
-    def set(self, done: int, total: int | None) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total)
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def _hash_prefix(path: Path) -> tuple[Any, int]:
     """A sha256 object fed with the file so far, and its length."""
     digest = hashlib.sha256()
@@ -640,6 +610,9 @@ def _check_space(folder: Path, needed: int) -> None:
         )
 
 
+_Report = Callable[[int, int | None], None]  # (bytes done, total or None) for one download
+
+
 def _http_download(
     session: requests.Session,
     url: str,
@@ -647,7 +620,7 @@ def _http_download(
     folder: Path,
     name: str,
     settings: Settings,
-    progress: _Progress,
+    report: _Report,
     first: requests.Response | None = None,
 ) -> _Result:
     """Stream `url` into a partial file, resuming with Range after errors and across runs."""
@@ -658,7 +631,7 @@ def _http_download(
         part = _new_partial(folder, name, src.key)
     _ACTIVE.add(str(part.path))
     try:
-        return _stream(session, url, src, part, folder, name, settings, progress, first)
+        return _stream(session, url, src, part, folder, name, settings, report, first)
     except (_SourceFailed, requests.RequestException):
         if part.size() == 0:
             part.discard()  # nothing worth resuming
@@ -675,24 +648,26 @@ def _stream(
     folder: Path,
     name: str,
     settings: Settings,
-    progress: _Progress,
+    report: _Report,
     first: requests.Response | None,
 ) -> _Result:
     info = part.read_info()
     digest, offset = _hash_prefix(part.path)
     if offset:
-        _say(f"resuming {name} from {src.label} at byte {offset}")
+        log.info("resuming %s from %s at byte %d", name, src.label, offset)
         if first is not None:
             first.close()
             first = None
+    # A server that ignores Range restarts the file on every attempt: only bytes beyond
+    # the best size reached so far count as progress and earn a fresh retry budget.
+    best = offset
     attempt = 0
     while True:
-        got_bytes = False
         try:
             if first is not None:
                 resp, first = first, None
             else:
-                headers = {"Accept-Encoding": "identity"}
+                headers: dict[str, str] = {}
                 if offset:
                     headers["Range"] = f"bytes={offset}-"
                     if info.get("validator"):
@@ -710,6 +685,10 @@ def _stream(
                     raise _SourceFailed(f"HTTP {code} {resp.reason or ''}".strip())
                 if _is_html(resp):
                     raise _SourceFailed("the server sent an HTML page, not a checkpoint")
+                encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+                if encoding not in ("", "identity"):
+                    # Encoded bytes would never match the pin, and ranges of them cannot be resumed.
+                    raise _SourceFailed(f"the server sent {encoding}-encoded data although asked for the plain file")
                 length = resp.headers.get("Content-Length")
                 if code == 206:
                     span = _content_range(resp.headers.get("Content-Range", ""))
@@ -728,40 +707,69 @@ def _stream(
                 info = part.read_info()
                 if total is not None:
                     _check_space(folder, total - offset)
-                progress.set(offset, total)
+                report(offset, total)
                 with open(part.path, "ab") as fh:
                     for chunk in _chunks(resp):
                         fh.write(chunk)
                         digest.update(chunk)
                         offset += len(chunk)
-                        got_bytes = True
-                        progress.advance(len(chunk))
+                        report(offset, total)
                     fh.flush()
                     os.fsync(fh.fileno())
                 if total is not None and offset < total:
                     raise _Transient(f"short read: {offset} of {total} bytes")
                 if total is not None and offset > total:
                     raise _SourceFailed(f"got {offset} bytes, more than the announced {total}")
-                return _Result(part, digest.hexdigest(), offset)
+                return _Result(part, digest.hexdigest(), offset, resp.headers.get("Content-Type", ""))
         except _TRANSIENT_ERRORS as exc:
-            if got_bytes:
-                attempt = 0  # progress earns a fresh retry budget
+            why = _unreachable(exc)
+            if why:
+                raise _SourceFailed(why) from None
+            if part.size() != offset:
+                digest, offset = _hash_prefix(part.path)
+            if offset > best:
+                best, attempt = offset, 0
             attempt += 1
             if attempt > settings.retries:
                 kept = f"; {offset} bytes kept, the next run resumes" if offset else ""
                 raise _SourceFailed(f"{_brief(exc)} after {attempt} attempts{kept}") from None
-            delay = min(MAX_BACKOFF, settings.backoff * 2 ** (attempt - 1))
-            if part.size() != offset:
-                digest, offset = _hash_prefix(part.path)
             try:
                 os.utime(part.path)  # keep the partial visibly alive while we sleep
             except OSError:
                 raise _SourceFailed("the partial download vanished (another process took it)") from None
-            time.sleep(delay)
+            time.sleep(_backoff(settings, attempt))
         except requests.RequestException as exc:
             raise _SourceFailed(_brief(exc)) from None
         except OSError as exc:
             raise ModelUnavailable(f"cannot write {part.path}: {exc}; check {ENV_HOME}") from None
+
+
+def _backoff(settings: Settings, attempt: int) -> float:
+    return min(MAX_BACKOFF, settings.backoff * 2 ** (attempt - 1))
+
+
+# urllib3 2 tells a failed name lookup apart; urllib3 1 reports it as a NewConnectionError ("… not known").
+_NAME_RESOLUTION_ERROR = getattr(urllib3.exceptions, "NameResolutionError", ())
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Why a connection could not even be opened (name not resolved, refused, no route), else None.
+
+    Retrying such a source only delays the next one (or the error, without any network):
+    it fails over at once. A connect timeout or a drop mid-transfer stays transient.
+    """
+    if not isinstance(exc, requests.ConnectionError) or not exc.args:
+        return None
+    reason = getattr(exc.args[0], "reason", exc.args[0])  # urllib3's MaxRetryError wraps the cause
+    via = ""
+    if isinstance(reason, urllib3.exceptions.ProxyError):
+        reason, via = reason.original_error, "proxy: "
+    if isinstance(reason, _NAME_RESOLUTION_ERROR):
+        return f"{via}cannot resolve the host name"
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):
+        text = str(reason).rsplit("]", 1)[-1].strip()  # "… [Errno 111] Connection refused"
+        return via + (text[:1].lower() + text[1:] if text else "cannot connect")
+    return None
 
 
 def _brief(exc: BaseException) -> str:
@@ -870,14 +878,30 @@ def _drive_open(session: requests.Session, file_id: str, settings: Settings) -> 
 # ---------------------------------------------------------------- fetch
 
 
-def _copy_local(src: Path, part: _Partial) -> _Result:
+def _read_local(src: Path) -> Iterator[bytes]:
+    """The file's bytes; a file that cannot be read fails this source (a failed write is the cache's)."""
+    try:
+        with open(src, "rb") as fin:
+            while chunk := fin.read(CHUNK):
+                yield chunk
+    except OSError as exc:
+        raise _SourceFailed(f"cannot read it ({exc.strerror or exc})") from None
+
+
+def _copy_local(src: Path, part: _Partial, report: _Report | None = None) -> _Result:
     digest = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(part.path, "wb") as fout:
-        while chunk := fin.read(CHUNK):
+    try:
+        total: int | None = src.stat().st_size
+    except OSError:
+        total = None  # reading says why
+    with open(part.path, "wb") as fout:
+        for chunk in _read_local(src):
             fout.write(chunk)
             digest.update(chunk)
             size += len(chunk)
+            if report is not None:
+                report(size, total)
         fout.flush()
         os.fsync(fout.fileno())
     return _Result(part, digest.hexdigest(), size)
@@ -886,39 +910,47 @@ def _copy_local(src: Path, part: _Partial) -> _Result:
 def _session() -> requests.Session:
     session = requests.Session()
     session.headers["User-Agent"] = f"derestore/{__version__}"
+    # Every request, Drive's pages included: gzip-encoded bytes would never match a pin.
+    session.headers["Accept-Encoding"] = "identity"
     return session
 
 
-def _download_one(record: ModelRecord, src: Source, settings: Settings, progress: bool) -> _Result:
+def _download_one(record: ModelRecord, src: Source, settings: Settings, report: _Report) -> _Result:
     folder = model_dir(record)
     name = file_name(record)
     if src.kind == "file":
-        if not Path(src.target).is_file():
+        path = Path(src.target)
+        if not path.exists():
             raise _SourceFailed("no such file")
-        return _copy_local(Path(src.target), _new_partial(folder, name, src.key))
-    bar = _Progress(progress, record.name)
-    if not progress:
-        _say(f"downloading {record.name} from {src.label}")
-    try:
-        with _session() as session:
-            attempt = 0
-            while True:
-                try:
-                    if src.kind == "gdrive":
-                        first = _drive_open(session, src.target, settings)
-                        url = first.url
-                    else:
-                        first, url = None, src.target
-                    return _http_download(session, url, src, folder, name, settings, bar, first)
-                except _TRANSIENT_ERRORS as exc:  # only Drive's page requests get here
-                    attempt += 1
-                    if attempt > settings.retries:
-                        raise _SourceFailed(f"{_brief(exc)} after {attempt} attempts") from None
-                    time.sleep(min(MAX_BACKOFF, settings.backoff * 2 ** (attempt - 1)))
-                except requests.RequestException as exc:
-                    raise _SourceFailed(_brief(exc)) from None
-    finally:
-        bar.close()
+        if not path.is_file():
+            raise _SourceFailed("not a regular file")
+        part = _new_partial(folder, name, src.key)
+        try:
+            return _copy_local(path, part, report)
+        except BaseException:
+            part.discard()
+            raise
+    log.info("downloading %s from %s", record.name, src.label)
+    with _session() as session:
+        attempt = 0
+        while True:
+            try:
+                if src.kind == "gdrive":
+                    first = _drive_open(session, src.target, settings)
+                    url = first.url
+                else:
+                    first, url = None, src.target
+                return _http_download(session, url, src, folder, name, settings, report, first)
+            except _TRANSIENT_ERRORS as exc:  # only Drive's page requests get here
+                why = _unreachable(exc)
+                if why:
+                    raise _SourceFailed(why) from None
+                attempt += 1
+                if attempt > settings.retries:
+                    raise _SourceFailed(f"{_brief(exc)} after {attempt} attempts") from None
+                time.sleep(_backoff(settings, attempt))
+            except requests.RequestException as exc:
+                raise _SourceFailed(_brief(exc)) from None
 
 
 def _commit(record: ModelRecord, result: _Result, source: str) -> Path:
@@ -941,7 +973,15 @@ def _commit(record: ModelRecord, result: _Result, source: str) -> Path:
     return target
 
 
-def _check(record: ModelRecord, result: _Result, want: str | None) -> None:
+def _what_came(result: _Result) -> str:
+    """What a source delivered, for a message: its size and the server's Content-Type."""
+    if result.content_type is None:
+        return f"{result.size} bytes"
+    return f"{result.size} bytes (Content-Type {result.content_type or 'not given'})"
+
+
+def _check(record: ModelRecord, result: _Result, want: str | None, check: CheckCallback | None) -> None:
+    """The delivered file is the record's: size, git blob id, sha256, and for unpinned records `check`."""
     if record.size and result.size != record.size:
         raise _SourceFailed(
             f"size mismatch: got {result.size} bytes, the registry expects {record.size}; file deleted"
@@ -958,6 +998,15 @@ def _check(record: ModelRecord, result: _Result, want: str | None) -> None:
         raise _SourceFailed(
             f"sha256 mismatch: got {result.sha256}, {how} {want}; file deleted{hint}"
         )
+    if not pinned(record) and check is not None:
+        try:
+            check(result.part.path)
+        except ModelUnavailable as exc:
+            # The loader names the temporary file, which is about to go: say "the file" instead.
+            reason = str(exc).replace(str(result.part.path), "the file")
+            raise _SourceFailed(
+                f"got {_what_came(result)}, which is not a {record.arch} checkpoint: {reason}; file deleted"
+            ) from None
 
 
 def bundled_path(record: ModelRecord) -> Path:
@@ -973,9 +1022,26 @@ def bundled_path(record: ModelRecord) -> Path:
     return path
 
 
-def fetch(record: ModelRecord, *, offline: bool | None = None, progress: bool | None = None) -> Path:
+def _unverifiable(record: ModelRecord) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"{record.name}: the registry pins no digest for it, so a download can only be trusted once it "
+        f"loads as {record.arch}, and no load check was given; pass one (derestore.load does)"
+    )
+
+
+def fetch(
+    record: ModelRecord,
+    *,
+    offline: bool | None = None,
+    progress: ProgressCallback | None = None,
+    check: CheckCallback | None = None,
+) -> Path:
     """The cached checkpoint, downloading (and verifying) it first if needed.
 
+    `progress(name, done, total)` is called as bytes arrive (total None when
+    the server does not say). `check(path)` must raise ModelUnavailable unless
+    the file loads as `record.arch`: it is what makes a download of a record
+    without a pinned digest trustworthy, so such a record is refused without it.
     Raises ModelUnavailable with a one-line reason: every source's failure, or how
     to fetch a browser-only checkpoint by hand and import it.
     """
@@ -986,8 +1052,6 @@ def fetch(record: ModelRecord, *, offline: bool | None = None, progress: bool | 
         return hit
     if offline is None:
         offline = _env_flag(ENV_OFFLINE)
-    if progress is None:
-        progress = sys.stderr.isatty()
     candidates = sources(record)
     if not candidates:
         raise ModelUnavailable(
@@ -1001,51 +1065,77 @@ def fetch(record: ModelRecord, *, offline: bool | None = None, progress: bool | 
                 f"forbids downloading; run `derestore weights download {record.name}` where there "
                 f"is network and copy the cache, or run {_import_command(record)}"
             )
+    if not pinned(record) and check is None:
+        raise _unverifiable(record)
     settings = Settings.from_env()
     folder = model_dir(record)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _lock(record):
-        hit = cached_path(record)  # another process may have fetched it while we waited
-        if hit is not None:
-            return hit
-        want = expected_sha256(record)
-        failures: list[str] = []
-        for i, src in enumerate(candidates):
-            try:
-                result = _download_one(record, src, settings, progress)
-            except _SourceFailed as exc:
-                failures.append(f"{src.label}: {exc}")
-            else:
-                try:
-                    _check(record, result, want)
-                except _SourceFailed as exc:
-                    result.part.discard()
-                    failures.append(f"{src.label}: {exc}")
-                else:
-                    path = _commit(record, result, src.label)
-                    _sweep(folder)
-                    return path
-            if i + 1 < len(candidates):
-                _say(f"{record.name}: {failures[-1]}; trying the next source")
-        hint = f"; or {manual_instructions(record)}" if record.manual_url else ""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _lock(record):
+            hit = cached_path(record)  # another process may have fetched it while we waited
+            if hit is not None:
+                return hit
+            return _fetch_locked(record, candidates, settings, progress, check)
+    except OSError as exc:
         raise ModelUnavailable(
-            f"could not download {record.name}: " + "; ".join(failures) + hint
-        )
+            f"cannot write the cache for {record.name} in {folder} ({exc.strerror or exc}); "
+            f"free some space or point {ENV_HOME} at a writable folder"
+        ) from None
+
+
+def _fetch_locked(
+    record: ModelRecord,
+    candidates: list[Source],
+    settings: Settings,
+    progress: ProgressCallback | None,
+    check: CheckCallback | None,
+) -> Path:
+    def report(done: int, total: int | None) -> None:
+        if progress is not None:
+            progress(record.name, done, total)
+
+    folder = model_dir(record)
+    want = expected_sha256(record)
+    failures: list[str] = []
+    for i, src in enumerate(candidates):
+        try:
+            result = _download_one(record, src, settings, report)
+            try:
+                _check(record, result, want, check)
+            except BaseException:
+                result.part.discard()
+                raise
+        except _SourceFailed as exc:
+            failures.append(f"{src.label}: {exc}")
+        else:
+            path = _commit(record, result, src.label)
+            _sweep(folder)
+            return path
+        if i + 1 < len(candidates):
+            log.warning("%s: %s; trying the next source", record.name, failures[-1])
+    hint = f"; or {manual_instructions(record)}" if record.manual_url else ""
+    raise ModelUnavailable(f"could not download {record.name}: " + "; ".join(failures) + hint)
 
 
 def import_file(
     record: ModelRecord,
     file: Path,
     *,
-    check_loads: Callable[[Path], None] | None = None,
+    check_loads: CheckCallback | None = None,
 ) -> Path:
     """Copy a checkpoint the user fetched by hand into the cache, verified by content.
 
     A pinned record must match its sha256 (or git blob id). Otherwise
     `check_loads(file)` must accept it (it raises ModelUnavailable when the file
     does not load as the record's architecture); its digest is then recorded
-    like a first download.
+    like a first download. A bundled record is refused: its file is always the
+    one shipped with derestore.
     """
+    if record.bundled:
+        raise UsageError(
+            f"{record.name} ships with derestore and is always read from the installation, never from "
+            "the cache; load your file directly, or give it a registry entry under another name"
+        )
     src = Path(file).expanduser()
     if not src.is_file():
         raise UsageError(f"{src}: no such file; give the path of the checkpoint you downloaded")
@@ -1056,18 +1146,29 @@ def import_file(
                 f"{src} is not {record.name}: its git blob sha1 is {blob}, the registry pins "
                 f"{record.git_blob_sha1}; nothing was imported"
             )
-    elif not pinned(record) and check_loads is not None:
+    elif not pinned(record):
+        if check_loads is None:
+            raise _unverifiable(record)
         check_loads(src)
     folder = model_dir(record)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _lock(record):
-        result = _copy_local(src, _new_partial(folder, file_name(record), "import"))
-        try:
-            if record.sha256 and result.sha256 != record.sha256:
-                raise ModelUnavailable(
-                    f"{src} is not {record.name}: its sha256 is {result.sha256}, the registry pins "
-                    f"{record.sha256}; nothing was imported"
-                )
-            return _commit(record, result, f"import:{src.resolve()}")
-        finally:
-            result.part.discard()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _lock(record):
+            part = _new_partial(folder, file_name(record), "import")
+            try:
+                result = _copy_local(src, part)
+                if record.sha256 and result.sha256 != record.sha256:
+                    raise ModelUnavailable(
+                        f"{src} is not {record.name}: its sha256 is {result.sha256}, the registry pins "
+                        f"{record.sha256}; nothing was imported"
+                    )
+                return _commit(record, result, f"import:{src.resolve()}")
+            finally:
+                part.discard()
+    except _SourceFailed as exc:
+        raise UsageError(f"{src}: {exc}; nothing was imported") from None
+    except OSError as exc:
+        raise ModelUnavailable(
+            f"cannot write the cache for {record.name} in {folder} ({exc.strerror or exc}); "
+            f"free some space or point {ENV_HOME} at a writable folder"
+        ) from None

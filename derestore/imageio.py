@@ -24,8 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
-import secrets
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageCms, TiffImagePlugin, TiffTags, UnidentifiedImageError
 
+from derestore import atomic
 from derestore.errors import InputError, UsageError
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
@@ -86,6 +86,7 @@ class Image:
     format: str  # Pillow-style name of the source format: PNG, JPEG, WEBP, TIFF, BMP
     exif: bytes | None = None  # raw EXIF ("Exif\0\0" + TIFF block), orientation already 1
     icc_profile: bytes | None = None
+    frames: int = 1  # pages/frames in the source file; only the first is decoded
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[2] not in (1, 3):
@@ -126,7 +127,12 @@ def is_image_path(path: str | os.PathLike[str]) -> bool:
 
 
 def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image:
-    """Decode `path` into an upright `Image`; any problem raises `InputError` naming the file."""
+    """Decode `path` into an upright `Image`; any problem raises `InputError` naming the file.
+
+    Only regular files are read (a named pipe or device is refused, never waited on). Of a
+    multi-frame file (multi-page TIFF, animated WebP or PNG) the first frame is decoded;
+    `Image.frames` tells how many there are.
+    """
     path = Path(path)
     data = _read_bytes(path)
     pil = _open(path, data)
@@ -140,13 +146,22 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
             f"{max_pixels:,} (decompression-bomb guard); raise --max-pixels if the image is genuine"
         )
     try:
-        if fmt == "TIFF":
-            return _decode_tiff(path, pil, data)
-        return _decode(pil, data, fmt, orientation=None)
+        image = _decode_tiff(path, pil, data) if fmt == "TIFF" else _decode(pil, data, fmt, orientation=None)
     except InputError:
         raise
     except Exception as exc:  # decoders raise OSError, ValueError, SyntaxError, cv2.error...
         raise InputError(f"{path}: cannot decode {_DISPLAY_NAME[fmt]} image: {_one_line(exc)}") from exc
+    # A camera's MPO carries previews after the picture, not frames of it.
+    if pil.format != "MPO":
+        image.frames = _frame_count(pil)
+    return image
+
+
+def _frame_count(pil: PILImage.Image) -> int:
+    try:
+        return max(1, int(getattr(pil, "n_frames", 1)))
+    except Exception:  # a damaged later frame must not cost the first
+        return 1
 
 
 def _open(path: Path, data: bytes) -> PILImage.Image:
@@ -179,17 +194,59 @@ def _decode_tiff(path: Path, pil: PILImage.Image, data: bytes) -> Image:
 
 
 def _read_bytes(path: Path) -> bytes:
+    # O_NONBLOCK: opening a named pipe must not wait for a writer; it changes nothing for regular files.
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        raise InputError(f"{path}: {file_problem(path)}") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not an image file") from None
+        raise InputError(f"{path}: is a folder, not an image file") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: {_kind(st.st_mode)}, not an image file")
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1
+            data = fh.read()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or _one_line(exc)}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if not data:
         raise InputError(f"{path}: empty file (0 bytes)")
     return data
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in a user's words."""
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "is a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device"
+    return "is not a regular file"
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be read as an image file (None: it is a regular file, or a link to one)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"is a broken symbolic link (to {os.readlink(path)})"
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or _one_line(exc)})"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    return _kind(st.st_mode)
 
 
 def _decode(pil: PILImage.Image, data: bytes, fmt: str, orientation: int | None) -> Image:
@@ -421,26 +478,10 @@ def from_float(restored: np.ndarray, like: Image) -> Image:
 
 # --------------------------------------------------------------------- writing
 
-_TEMP_NAME = re.compile(r"\..*\.derestore-\d+-[0-9a-f]{8}\.tmp", re.DOTALL)
-
-
-def temp_path_for(path: str | os.PathLike[str]) -> Path:
-    """The hidden temporary name `write_image` fills next to `path` before renaming it into place."""
-    path = Path(path)
-    # The name is shortened so the temporary name stays within NAME_MAX (255 bytes).
-    return path.with_name(f".{path.name[:48]}.derestore-{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def is_temp_file(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a temporary file of `write_image` (a leftover, if its run was killed)."""
-    return _TEMP_NAME.fullmatch(Path(path).name) is not None
-
-
 def write_image(path: str | os.PathLike[str], image: Image, *, quality: int = 95) -> list[str]:
     """Encode `image` to `path` (format from the extension) atomically; returns notes on what was lost.
 
-    The output is either complete or absent: it is written to `temp_path_for(path)`,
-    fsync'd, then renamed over `path`. Failures raise `InputError` naming `path`.
+    The output is either complete or absent (`atomic.write`). Failures raise `InputError` naming `path`.
     """
     path = Path(path)
     fmt = _FORMAT_BY_EXTENSION.get(path.suffix.lower())
@@ -449,18 +490,9 @@ def write_image(path: str | os.PathLike[str], image: Image, *, quality: int = 95
             f"{path}: cannot write '{path.suffix}' files; use one of {', '.join(sorted(SUPPORTED_EXTENSIONS))}"
         )
     pixels, alpha, exif, icc, notes = _fit_to_format(image, fmt)
-    temp = temp_path_for(path)
     try:
-        with open(temp, "xb") as fh:
-            notes += _ENCODERS[fmt](fh, pixels, alpha, exif, icc, quality)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            temp.unlink(missing_ok=True)
-        if not isinstance(exc, Exception):  # Ctrl-C and friends: clean up, then let them through
-            raise
+        notes += atomic.write(path, lambda fh: _ENCODERS[fmt](fh, pixels, alpha, exif, icc, quality))
+    except Exception as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
         raise InputError(f"{path}: cannot write: {reason}") from exc
     return notes

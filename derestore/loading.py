@@ -165,6 +165,17 @@ def load_model(path: str | Path, *, container: str = "auto", expected_arch: str 
         raise ModelUnavailable(f"{path}: the weights do not fit the detected architecture ({reason})") from None
     if not isinstance(descriptor, ImageModelDescriptor):
         raise ModelUnavailable(f"{path}: {descriptor.architecture.id} is not an image-to-image model")
+    if descriptor.scale != 1:
+        raise ModelUnavailable(
+            f"{path}: {descriptor.architecture.id} with scale {descriptor.scale} is a super-resolution model; "
+            "derestore restores at the same size and needs a scale-1 checkpoint"
+        )
+    channels = (descriptor.input_channels, descriptor.output_channels)
+    if channels not in ((3, 3), (1, 1)):
+        raise ModelUnavailable(
+            f"{path}: {descriptor.architecture.id} maps {channels[0]} to {channels[1]} channels; derestore "
+            "runs RGB (3 to 3) and grayscale (1 to 1) models"
+        )
     if expected_arch and descriptor.architecture.id.lower() != expected_arch.lower():
         raise ModelUnavailable(
             f"{path} is a {descriptor.architecture.id} checkpoint, not {expected_arch}; "
@@ -174,6 +185,7 @@ def load_model(path: str | Path, *, container: str = "auto", expected_arch: str 
     return LoadedModel(descriptor=descriptor, path=path, state_keys=len(state))
 
 
-def check_loads(path: Path, *, arch: str) -> None:
-    """Raise `ModelUnavailable` unless `path` loads as architecture `arch` (used by `weights import`)."""
-    load_model(path, expected_arch=arch)
+def check_loads(path: Path, *, arch: str, container: str = "auto") -> None:
+    """Raise `ModelUnavailable` unless `path` loads as architecture `arch` (used before an unpinned
+    download or import is recorded in the cache)."""
+    load_model(path, container=container, expected_arch=arch)

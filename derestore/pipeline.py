@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from . import imageio
-from .errors import InputError, UsageError
+from . import atomic, imageio, jsontext
+from .errors import DerestoreError, DeviceFailure, InputError, UsageError
+
+T = TypeVar("T")
 
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif", "tiff": ".tif", "bmp": ".bmp"}
 MANIFEST = "derestore-run.json"
+# Seconds a read may take before its input is given up (decoding included; reads start ahead of use).
+READ_TIMEOUT = 120.0
+# Seconds an interrupted run still waits for outputs already being written.
+WRITE_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ class Result:
             "width": self.width,
             "height": self.height,
         }
+        if self.notes:
+            data["notes"] = list(self.notes)
         if self.metrics is not None:
             data.update(self.metrics)
         return data
@@ -71,9 +81,9 @@ def _is_glob(text: str) -> bool:
 
 
 def _folder_images(folder: Path, recursive: bool) -> list[Path]:
+    """Entries with an image extension; those that are not regular files are kept, to be reported."""
     pattern = "**/*" if recursive else "*"
-    return [p for p in folder.glob(pattern)
-            if p.is_file() and imageio.is_image_path(p) and not imageio.is_temp_file(p)]
+    return [p for p in folder.glob(pattern) if imageio.is_image_path(p) and not atomic.is_temp_file(p)]
 
 
 def read_list(list_file: str) -> list[str]:
@@ -92,34 +102,41 @@ def discover(inputs: Iterable[str], *, recursive: bool = False, listed: Iterable
 
     A command-line path or pattern that matches nothing is a usage error: a
     typo should not turn into an empty, successful run. A listed path that is
-    missing becomes a per-file failure instead, so one stale line does not
-    stop a batch.
+    missing, and an entry of a folder that is not a regular file (a broken
+    link, a named pipe), become per-file failures instead, so one stale entry
+    does not stop a batch. Files reached twice (through links, or a link loop
+    under `**`) are restored once.
     """
-    found: dict[Path, Path | None] = {}  # path → rel (None: relative to the loose files' common folder)
+    found: dict[str, tuple[Path, Path | None]] = {}  # real path → (path, rel or None: loose file)
+
+    def add(path: Path, rel: Path | None) -> None:
+        found.setdefault(os.path.realpath(path), (path, rel))
+
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():
             for p in _folder_images(path, recursive):
-                found.setdefault(p, p.relative_to(path))
+                add(p, p.relative_to(path))
         elif path.is_file():
-            found.setdefault(path, None)
+            add(path, None)
         elif _is_glob(text):
             matches = [Path(m) for m in glob.glob(os.path.expanduser(text), recursive=recursive)]
-            files = [m for m in matches if m.is_file() and imageio.is_image_path(m)]
+            files = [m for m in matches if imageio.is_image_path(m) and not atomic.is_temp_file(m)]
             if not files:
                 raise UsageError(f"pattern '{text}' matches no image files; check the pattern or quote it")
             for m in files:
-                found.setdefault(m, None)
+                add(m, None)
         else:
-            raise UsageError(f"input '{text}' does not exist; check the path")
+            problem = imageio.file_problem(path) or "cannot be read"
+            raise UsageError(f"input '{text}' {problem}; name an image file or a folder")
     for text in listed:
-        found.setdefault(Path(text).expanduser(), None)
+        add(Path(text).expanduser(), None)
     if not found:
         raise UsageError("no image files found in the inputs given")
-    loose = [p for p, rel in found.items() if rel is None]
+    loose = [p for p, rel in found.values() if rel is None]
     base = Path(os.path.commonpath([str(p.parent.absolute()) for p in loose])) if loose else None
     sources = [Source(p, rel if rel is not None else p.absolute().relative_to(base))  # type: ignore[arg-type]
-               for p, rel in found.items()]
+               for p, rel in found.values()]
     return sorted(sources, key=lambda s: str(s.path))
 
 
@@ -184,42 +201,46 @@ def shard(jobs: list[Job], k: int, n: int) -> list[Job]:
     return jobs[k::n]
 
 
-_STALE_AFTER = 3600.0
+def refuse_overwrites(jobs: list[Job], protected: dict[Path, str]) -> None:
+    """Refuse any output that would replace a file the user gave (`protected`: resolved path → what it is,
+    e.g. "ground truth"), or that lands in a protected folder."""
+    for job in jobs:
+        target = job.output.resolve()
+        for path in (target, target.parent):
+            what = protected.get(path)
+            if what is not None:
+                raise UsageError(f"output {job.output} would be written into {what} {path}; "
+                                 "choose another output folder")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_stale(path: Path) -> bool:
-    """A temporary output whose writer is gone: its process no longer runs here, or it is an hour old."""
-    match = re.search(r"\.derestore-(\d+)-", path.name)
-    try:
-        age = time.time() - path.stat().st_mtime
-    except OSError:
-        return False
-    return age > _STALE_AFTER or (match is not None and not _pid_alive(int(match.group(1))))
+def check_output_locations(jobs: list[Job], record: Path) -> None:
+    """Refuse, before any work, output folders that cannot be created or written (and the run record's)."""
+    folders = {job.output.parent for job in jobs} | {record.parent}
+    probed: set[Path] = set()
+    for folder in sorted(folders):
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"cannot create output folder {folder}: {existing} is a file, not a folder; "
+                             "choose another output folder")
+        if existing in probed:
+            continue
+        probed.add(existing)
+        probe = atomic.temp_path_for(existing / "probe")
+        try:
+            probe.touch(exist_ok=False)
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"output folder {existing} is not writable ({exc.strerror or exc}); "
+                             "choose another output folder") from None
 
 
 def remove_stale_temp_files(jobs: list[Job]) -> list[Path]:
-    """Delete temporary outputs that a killed run left in the output folders."""
+    """Delete temporary outputs that a killed run of this machine left in the output folders."""
     removed = []
     for folder in sorted({job.output.parent for job in jobs}):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if imageio.is_temp_file(path) and _is_stale(path):
-                try:
-                    path.unlink()
-                    removed.append(path)
-                except OSError:
-                    pass  # another process got there first, or it is not ours to remove
+        removed += atomic.sweep(folder)
     return removed
 
 
@@ -245,6 +266,47 @@ def _keep(restored: object, image: imageio.Image) -> imageio.Image:
     return restored  # type: ignore[return-value]
 
 
+def _in_thread(fn: Callable[..., T], *args: object, track: list[Future[T]] | None = None) -> Future[T]:
+    """Run `fn` on a daemon thread of its own: a read stuck on a dead network file system must not
+    keep the process alive after the run has given up on it. The future joins `track` before the
+    thread starts, so an interrupt cannot fall between the two."""
+    future: Future[T] = Future()
+    if track is not None:
+        track.append(future)
+
+    def target() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    threading.Thread(target=target, daemon=True, name="derestore-io").start()
+    return future
+
+
+def _settle(futures: list[Future[T]], grace: float | None) -> None:
+    """Wait for the started ones (at most `grace` seconds in all), cancel those not started."""
+    deadline = None if grace is None else time.monotonic() + grace
+    for future in futures:
+        if future.cancel():
+            continue
+        try:
+            future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except BaseException:  # reported where the result is read, or the run is already stopping
+            pass
+
+
+def _failure(job: Job, exc: BaseException) -> str:
+    """One line naming the file and what went wrong, whatever raised."""
+    if isinstance(exc, DerestoreError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{job.input}: {exc.strerror}"
+    text = " ".join(str(exc).split())
+    return f"{job.input}: {type(exc).__name__}: {text}" if text else f"{job.input}: {type(exc).__name__}"
+
+
 def run_jobs(
     jobs: list[Job],
     restore: Restorer,
@@ -257,6 +319,7 @@ def run_jobs(
     score: Scorer | None = None,
     readers: int = 2,
     writers: int = 2,
+    read_timeout: float | None = READ_TIMEOUT,
 ) -> Iterator[Result]:
     """Decode ahead and encode behind on worker threads while the model runs; yield results in input order.
 
@@ -264,9 +327,14 @@ def run_jobs(
     the calling thread runs only `restore`, so a GPU is not left waiting on
     conversions; writer threads run `finish`, `score` and `write_image`. At most
     `readers` prepared inputs and `writers` finished outputs wait at a time, so
-    memory stays flat however many files there are. On KeyboardInterrupt the
-    image in flight is abandoned, queued writes are completed and reported, and
-    the interrupt is re-raised.
+    memory stays flat however many files there are.
+
+    Any exception of one input (unreadable, a model error, a failed write) makes
+    that input's result `failed`; a read that takes longer than `read_timeout`
+    seconds is given up. Only `DeviceFailure` (the device cannot go on) and
+    KeyboardInterrupt stop the run: the image in flight is abandoned, finished
+    writes are completed (for at most WRITE_GRACE seconds) and reported, and the
+    exception is re-raised.
     """
     todo = []
     for job in jobs:
@@ -286,60 +354,82 @@ def run_jobs(
         job.output.parent.mkdir(parents=True, exist_ok=True)
         return imageio.write_image(job.output, final)
 
-    with ThreadPoolExecutor(readers, thread_name_prefix="derestore-read") as read_pool, \
-         ThreadPoolExecutor(writers, thread_name_prefix="derestore-write") as write_pool:
-        reads: list[Future[Prepared]] = []
-        pending: list[tuple[Result, Future[list[str]] | None]] = []
-        next_read = 0
+    reads: list[Future[Prepared]] = []
+    writes: list[Future[list[str]]] = []  # every write started, until the run ends
+    pending: list[tuple[Result, Future[list[str]] | None]] = []
+    next_read = 0
 
-        def top_up() -> None:
-            nonlocal next_read
-            while next_read < len(todo) and len(reads) < readers:
-                reads.append(read_pool.submit(load, todo[next_read]))
-                next_read += 1
+    def top_up() -> None:
+        nonlocal next_read
+        while next_read < len(todo) and len(reads) < readers:
+            reads.append(_in_thread(load, todo[next_read]))
+            next_read += 1
 
-        def finished(block: bool) -> Iterator[Result]:
-            while pending and (block or len(pending) > writers or pending[0][1] is None or pending[0][1].done()):
-                result, write = pending.pop(0)
-                if write is not None:
-                    try:
-                        result.notes.extend(write.result())
-                    except InputError as exc:
-                        result.status, result.error = "failed", str(exc)
-                    except OSError as exc:
-                        result.status, result.error = "failed", f"{result.output}: cannot write ({exc.strerror or exc})"
-                yield result
-
-        try:
-            top_up()
-            for job in todo:
-                started = time.perf_counter()
-                read = reads.pop(0)
-                top_up()
-                result = Result(job.input, job.output, "ok")
-                write = None
+    def finished(block: bool, grace: float | None = None) -> Iterator[Result]:
+        deadline = None if grace is None else time.monotonic() + grace
+        while pending and (block or len(pending) > writers or pending[0][1] is None or pending[0][1].done()):
+            result, write = pending[0]  # popped once settled: an interrupt while waiting keeps it pending
+            if write is not None:
                 try:
-                    loaded = read.result()
-                    result.width, result.height = loaded.image.width, loaded.image.height
-                    restored, notes = restore(loaded.payload)
-                    result.notes.extend(notes)
-                    write = write_pool.submit(store, job, result, restored, loaded.image)
-                except InputError as exc:
-                    result.status, result.error = "failed", str(exc)
-                result.seconds = time.perf_counter() - started
-                pending.append((result, write))
-                if fail_fast and result.status == "failed":
-                    break
-                for done in finished(block=False):
-                    yield done
-                    if fail_fast and done.status == "failed":
-                        return
-        except KeyboardInterrupt:
-            for read in reads:
-                read.cancel()
-            yield from finished(block=True)
-            raise
+                    wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    result.notes.extend(write.result(timeout=wait))
+                except FutureTimeout:
+                    result.status, result.error = "failed", f"{result.output}: the write did not finish in time"
+                except Exception as exc:
+                    result.status, result.error = "failed", _failure(Job(result.input, result.output), exc)
+            pending.pop(0)
+            yield result
+
+    stopping = False
+    try:
+        top_up()
+        for job in todo:
+            started = time.perf_counter()
+            read = reads.pop(0)
+            top_up()
+            result = Result(job.input, job.output, "ok")
+            write = None
+            try:
+                try:
+                    loaded = read.result(timeout=read_timeout)
+                except FutureTimeout:
+                    raise InputError(f"{job.input}: reading took longer than {read_timeout:g} s "
+                                     "(a stalled network file system or device?); skipped") from None
+                result.width, result.height = loaded.image.width, loaded.image.height
+                if loaded.image.frames > 1:
+                    result.notes.append(f"{job.input} has {loaded.image.frames} frames or pages; only the first "
+                                        "was restored")
+                restored, notes = restore(loaded.payload)
+                result.notes.extend(notes)
+                write = _in_thread(store, job, result, restored, loaded.image, track=writes)
+            except DeviceFailure as exc:
+                result.status, result.error = "failed", _failure(job, exc)
+                pending.append((result, None))
+                raise
+            except Exception as exc:
+                result.status, result.error = "failed", _failure(job, exc)
+            result.seconds = time.perf_counter() - started
+            pending.append((result, write))
+            if fail_fast and result.status == "failed":
+                break
+            for done in finished(block=False):
+                yield done
+                if fail_fast and done.status == "failed":
+                    return
         yield from finished(block=True)
+    except (KeyboardInterrupt, DeviceFailure):
+        stopping = True
+        yield from finished(block=True, grace=WRITE_GRACE)
+        raise
+    except GeneratorExit:
+        stopping = True  # abandoned by the consumer: nothing more can be reported
+        raise
+    finally:
+        # Whatever ends the run, a file being written is finished (or, past the grace, left as a
+        # temp file for the next run to sweep), never cut off by the process exiting.
+        for future in reads:
+            future.cancel()
+        _settle(writes, WRITE_GRACE if stopping else None)
 
 
 def manifest_path(output: Path, shard_spec: str | None) -> Path:
@@ -352,10 +442,6 @@ def manifest_path(output: Path, shard_spec: str | None) -> Path:
 
 
 def write_manifest(path: Path, data: dict[str, object]) -> None:
-    """Write the run record atomically (temp file + rename), like every other output."""
-    import json
-
+    """Write the run record atomically, like every other output; OSError if it cannot be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, jsontext.dumps(data, indent=2) + "\n")

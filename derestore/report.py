@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import imageio
+from . import atomic, imageio
 from .errors import DerestoreError, InputError, UsageError
 from .evaluate import PairResult, Summary, read_pixels
 from .metrics import PROTOCOLS
@@ -83,8 +83,12 @@ def write_csv(summary: Summary, path: Path) -> None:
     _write_atomically(path, buffer.getvalue(), "--csv")
 
 
-def check_output_path(path: Path, option: str) -> None:
-    """Refuse a destination that cannot take the file, before any time is spent scoring."""
+def check_output_path(path: Path, option: str, inputs: dict[Path, Path] | None = None) -> None:
+    """Refuse a destination that cannot take the file, or that is one of the images being scored
+    (`inputs`: resolved path → the path as given), before any time is spent scoring."""
+    given = (inputs or {}).get(path.resolve())
+    if given is not None:
+        raise UsageError(f"{option} {path} would overwrite the image {given} being scored; give another file name")
     folder = path.parent
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; give a file name")
@@ -94,19 +98,25 @@ def check_output_path(path: Path, option: str) -> None:
         raise UsageError(f"{option} {path}: folder {folder} is not writable")
 
 
+def scored_images(*places: Path) -> dict[Path, Path]:
+    """Every image file an evaluation reads (the files given, and the images in the folders given)."""
+    found: dict[Path, Path] = {}
+    for place in places:
+        if place.is_dir():
+            files = [p for p in place.iterdir() if imageio.is_image_path(p)]
+        else:
+            files = [place]
+        for path in files:
+            found.setdefault(path.resolve(), path)
+    return found
+
+
 def _write_atomically(path: Path, text: str, option: str) -> None:
-    """A temp file in the same folder, then a rename: never half a file under `path`."""
-    tmp = imageio.temp_path_for(path)
+    """Never half a file under `path` (see `atomic.write`)."""
     try:
-        # Mode "x" creates the file with the usual permissions (umask), unlike mkstemp's 0600.
-        with tmp.open("x", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise DerestoreError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
-        raise
+        atomic.write_text(path, text)
+    except OSError as exc:
+        raise DerestoreError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
 
 
 def render_report(summary: Summary, *, worst: int = 6) -> str:

@@ -73,3 +73,29 @@ def smooth_image(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray
 def to_uint(img: np.ndarray, depth: int = 8) -> np.ndarray:
     peak = 255 if depth == 8 else 65535
     return np.round(img * peak).astype(np.uint8 if depth == 8 else np.uint16)
+
+
+def write_images(folder: Path, count: int, size: int = 24) -> list[Path]:
+    """`count` small distinct PNGs img000.png, img001.png, … in `folder` (created)."""
+    from PIL import Image as PILImage
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        p = folder / f"img{i:03d}.png"
+        PILImage.fromarray(to_uint(smooth_image(size, size, seed=i))).save(p)
+        paths.append(p)
+    return paths
+
+
+def decodes(path: Path) -> bool:
+    import cv2
+
+    return cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED) is not None
+
+
+def cli_command(*args: str) -> list[str]:
+    """`derestore ARGS…` as a subprocess command line, through the real entry point (`main`)."""
+    import sys
+
+    return [sys.executable, "-m", "derestore", *args]

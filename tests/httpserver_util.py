@@ -1,15 +1,24 @@
 """A threaded HTTP file server on 127.0.0.1 with fault injection and a request log.
 
 Each path serves bytes registered with `add`; `fault(path, *kinds)` queues
-misbehaviours consumed one request at a time:
+misbehaviours consumed one request at a time, `always(path, *kinds)` applies
+its kinds to every request once the queue is empty. A kind may combine
+several with "+" ("norange+drop"):
 
-    "drop"     send the headers and half the body, then cut the connection
-    "500"      answer 500 Internal Server Error
-    "404"      answer 404 Not Found
-    "slow"     sleep `slow_seconds` before answering
-    "wrong"    send other bytes of the same length
-    "html"     send an HTML page (as an error page from a proxy would be)
-    "norange"  ignore the Range header and send the whole file
+    "drop"      send the headers and half the body, then cut the connection
+    "stall"     send the headers and half the body, then go silent for `stall_seconds`
+    "truncate"  send half the body without a Content-Length, then close cleanly
+    "500"       answer 500 Internal Server Error
+    "404"       answer 404 Not Found
+    "slow"      sleep `slow_seconds` before answering
+    "wrong"     send other bytes of the same length
+    "html"      send an HTML page (as an error page from a proxy would be)
+    "login"     send a 28-byte "Please log in" page as text/plain
+    "norange"   ignore the Range header and send the whole file
+    "gzip"      gzip the body (Content-Encoding: gzip) whatever the client accepts
+
+With `gzip_when_allowed` set, every file is gzip-encoded unless the request's
+Accept-Encoding rules gzip out, as many CDNs and mirrors do.
 
 `/uc?id=ID` and `/download?id=ID&confirm=t&uuid=…` imitate Google Drive:
 `/uc` answers with the "cannot scan for viruses" confirmation form for files
@@ -19,6 +28,7 @@ registered with `add_drive`, or with Drive's quota error page when
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 import time
@@ -34,6 +44,7 @@ class Hit:
     query: str
     range: str | None
     status: int
+    accept_encoding: str | None = None
     sent: int = 0
     complete: bool = False
 
@@ -43,8 +54,11 @@ class FaultServer:
         self.files: dict[str, bytes] = {}
         self.drive: dict[str, bytes] = {}
         self.faults: dict[str, list[str]] = defaultdict(list)
+        self.sticky: dict[str, str] = {}
         self.hits: list[Hit] = []
         self.slow_seconds = 1.0
+        self.stall_seconds = 2.0
+        self.gzip_when_allowed = False
         self.throttle = 0.0  # seconds slept after every 64 KiB chunk
         self.drive_quota_exceeded = False
         self._lock = threading.Lock()
@@ -70,10 +84,14 @@ class FaultServer:
     def fault(self, path: str, *kinds: str) -> None:
         self.faults[path].extend(kinds)
 
-    def next_fault(self, path: str) -> str | None:
+    def always(self, path: str, *kinds: str) -> None:
+        self.sticky[path] = "+".join(kinds)
+
+    def next_fault(self, path: str) -> set[str]:
         with self._lock:
             queue = self.faults.get(path)
-            return queue.pop(0) if queue else None
+            kind = queue.pop(0) if queue else self.sticky.get(path, "")
+        return set(kind.split("+")) - {""}
 
     def record(self, hit: Hit) -> Hit:
         with self._lock:
@@ -110,12 +128,14 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             query = parse_qs(parts.query)
-            hit = server.record(Hit(parts.path, parts.query, self.headers.get("Range"), 0))
+            hit = server.record(
+                Hit(parts.path, parts.query, self.headers.get("Range"), 0, self.headers.get("Accept-Encoding"))
+            )
             if parts.path == "/uc":
                 self._drive_page(hit, query.get("id", [""])[0])
             elif parts.path == "/download" and query.get("confirm") == ["t"]:
                 data = server.drive.get(query.get("id", [""])[0])
-                self._send_file(hit, data, None)
+                self._send_file(hit, data, set())
             else:
                 self._send_file(hit, server.files.get(parts.path), server.next_fault(parts.path))
 
@@ -153,39 +173,51 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
 <input type="hidden" name="uuid" value="4bd3c0a2-uuid"></form></div></body></html>"""
             self._simple(hit, 200, page.encode(), "text/html; charset=utf-8")
 
-        def _send_file(self, hit: Hit, data: bytes | None, fault: str | None) -> None:
-            if data is None or fault == "404":
+        def _gzip_allowed(self) -> bool:
+            accepted = self.headers.get("Accept-Encoding")
+            return accepted is None or "gzip" in accepted or "*" in accepted
+
+        def _send_file(self, hit: Hit, data: bytes | None, fault: set[str]) -> None:
+            if data is None or "404" in fault:
                 self._simple(hit, 404, b"not found")
                 return
-            if fault == "500":
+            if "500" in fault:
                 self._simple(hit, 500, b"try again later")
                 return
-            if fault == "html":
+            if "html" in fault:
                 self._simple(hit, 200, b"<html><body>Proxy login</body></html>", "text/html")
                 return
-            if fault == "slow":
+            if "login" in fault:
+                self._simple(hit, 200, b"<html>Please log in.</html>\n", "text/plain")
+                return
+            if "slow" in fault:
                 time.sleep(server.slow_seconds)
-            if fault == "wrong":
+            if "wrong" in fault:
                 data = bytes(b ^ 0xFF for b in data)
+            encoded = "gzip" in fault or (server.gzip_when_allowed and self._gzip_allowed())
             start = 0
             wanted = self.headers.get("Range")
-            if wanted and fault != "norange" and wanted.startswith("bytes=") and wanted.endswith("-"):
+            if wanted and not encoded and "norange" not in fault and wanted.startswith("bytes=") and wanted.endswith("-"):
                 start = int(wanted[len("bytes=") : -1])
                 if start >= len(data):
                     self._simple(hit, 416, b"")
                     return
-            body = data[start:]
+            body = gzip.compress(data) if encoded else data[start:]
             hit.status = 206 if start else 200
             self.send_response(hit.status)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
+            if "truncate" not in fault:
+                self.send_header("Content-Length", str(len(body)))
+            if encoded:
+                self.send_header("Content-Encoding", "gzip")
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Connection", "close")
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.end_headers()
             self.close_connection = True
-            limit = len(body) // 2 if fault == "drop" else len(body)
+            cut = fault & {"drop", "stall", "truncate"}
+            limit = len(body) // 2 if cut else len(body)
             try:
                 for i in range(0, limit, 1 << 16):
                     piece = body[i : min(i + (1 << 16), limit)]
@@ -194,11 +226,13 @@ def _make_handler(server: FaultServer) -> type[BaseHTTPRequestHandler]:
                     if server.throttle:
                         time.sleep(server.throttle)
                 self.wfile.flush()
+                if "stall" in fault:
+                    time.sleep(server.stall_seconds)
             except OSError:  # the client went away
                 return
-            if fault == "drop":
+            if "drop" in fault or "stall" in fault:
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            hit.complete = True
+            hit.complete = not cut
 
     return Handler

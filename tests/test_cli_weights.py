@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from derestore.errors import ModelUnavailable
 from tests.httpserver_util import FaultServer
 
 PAYLOAD = b"checkpoint bytes " * 5000
+REPO = Path(__file__).resolve().parents[1]
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 
@@ -41,10 +45,26 @@ def server():
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch, server):
+def loader_calls(monkeypatch) -> list[tuple[Path, str]]:
+    """A stand-in loader (the toy files are no real checkpoints): only PAYLOAD loads, as any architecture."""
+    calls: list[tuple[Path, str]] = []
+
+    def check_loads(path: Path, *, arch: str) -> None:
+        calls.append((path, arch))
+        if path.read_bytes() != PAYLOAD:
+            raise ModelUnavailable(f"{path} is not a PyTorch checkpoint that can be read (invalid load key)")
+
+    monkeypatch.setitem(sys.modules, "derestore.loading", types.SimpleNamespace(check_loads=check_loads))
+    return calls
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, server, loader_calls):
     """Run the CLI against a user registry whose models live on the local server."""
     url = server.add("/w/toy.pth", PAYLOAD)
     server.add("/w/free.pth", PAYLOAD)
+    server.add("/w/junk.pth", PAYLOAD)
+    server.always("/w/junk.pth", "login")
     registry = tmp_path / "my.toml"
     registry.write_text(
         f"""
@@ -67,6 +87,13 @@ filename = "free.pth"
 task = "derain"
 arch = "Toy"
 sources = ["{server.url('/missing.pth')}"]
+
+[models.toy-junk]
+task = "derain"
+arch = "Toy"
+sources = ["{server.url('/w/junk.pth')}"]
+dataset = "Rain [/x] and [bold]snow"
+license = "[red]MIT"
 """
     )
     monkeypatch.setenv("DERESTORE_REGISTRY", str(registry))
@@ -196,28 +223,146 @@ def test_import_pinned(cli, tmp_path):
     assert DIGEST in result.output and hashlib.sha256(b"other").hexdigest() in result.output
 
 
-def test_import_unpinned_asks_the_loader(cli, tmp_path, monkeypatch):
-    calls: list[tuple[Path, str]] = []
-
-    def check_loads(path: Path, *, arch: str) -> None:
-        calls.append((path, arch))
-        if path.read_bytes() != PAYLOAD:
-            raise ModelUnavailable(f"{path} does not load as {arch}")
-
-    monkeypatch.setitem(sys.modules, "derestore.loading", types.SimpleNamespace(check_loads=check_loads))
+def test_import_unpinned_asks_the_loader(cli, tmp_path, loader_calls):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"junk")
     result = cli("weights", "import", "toy-free", str(junk))
-    assert result.exit_code == 3 and "does not load as Toy" in result.output
+    assert result.exit_code == 3 and f"{junk} is not a PyTorch checkpoint" in result.output
     assert cli("weights", "path", "toy-free").exit_code == 3
 
     good = tmp_path / "good.pth"
     good.write_bytes(PAYLOAD)
     assert cli("weights", "import", "toy-free", str(good)).exit_code == 0
-    assert calls == [(junk, "Toy"), (good, "Toy")]
+    assert loader_calls == [(junk, "Toy"), (good, "Toy")]
     assert cli("weights", "path", "toy-free").exit_code == 0
 
 
 def test_import_missing_file_is_exit_2(cli, tmp_path):
     result = cli("weights", "import", "toy-pinned", str(tmp_path / "nope.pth"))
     assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_unpinned_download_that_does_not_load_is_deleted_and_described(cli, tmp_path, loader_calls):
+    result = cli("weights", "download", "toy-junk")
+    assert result.exit_code == 3
+    assert result.stderr.count("\n") == 2  # "downloading …" and the one error line
+    error = result.stderr.splitlines()[-1]
+    assert "got 28 bytes (Content-Type text/plain), which is not a Toy checkpoint" in error
+    assert "the file is not a PyTorch checkpoint" in error
+    assert [arch for _, arch in loader_calls] == ["Toy"]
+    assert not (tmp_path / "cache" / "checkpoints" / "toy-junk").exists() or not any(
+        (tmp_path / "cache" / "checkpoints" / "toy-junk").iterdir()
+    )
+    result = cli("weights", "verify", "toy-junk")
+    assert result.exit_code == 3 and "missing" in result.output
+
+
+def test_download_logs_what_it_fetches_and_from_where(cli, server):
+    result = cli("weights", "download", "toy-pinned")
+    assert result.exit_code == 0
+    assert result.stderr == f"downloading toy-pinned from {server.url('/w/toy.pth')}\n"
+
+
+def test_download_from_a_range_ignoring_dropping_mirror_is_bounded(cli, server, monkeypatch):
+    server.always("/w/toy.pth", "norange", "drop")
+    monkeypatch.setenv("DERESTORE_RETRIES", "2")
+    result = cli("weights", "download", "toy-pinned")
+    assert result.exit_code == 3 and len(server.hits_for("/w/toy.pth")) == 3
+    assert "connection dropped mid-transfer after 3 attempts" in result.stderr.splitlines()[-1]
+
+
+def test_import_over_a_bundled_model_is_refused_with_the_way_to_use_the_file(cli, tmp_path):
+    mine = tmp_path / "my denoiser.pth"
+    mine.write_bytes(PAYLOAD)
+    result = cli("weights", "import", "lite-denoise", str(mine))
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert "lite-denoise ships with derestore" in line
+    assert f"`derestore denoise INPUTS --weights '{mine}'`" in line and "DERESTORE_REGISTRY" in line
+    assert not (tmp_path / "cache" / "checkpoints" / "lite-denoise").exists()
+
+
+def test_registry_strings_and_paths_are_printed_as_text_not_markup(cli, tmp_path):
+    result = cli("models", "--task", "derain")
+    assert result.exit_code == 0
+    (row,) = [line for line in result.stdout.splitlines() if "toy-junk" in line]
+    assert "Rain [/x] and [bold]snow" in row and "[red]MIT" in row
+
+    odd = tmp_path / "IMG [edited] [/x]" / "nope.pth"
+    result = cli("weights", "import", "toy-pinned", str(odd))
+    assert result.exit_code == 2 and f"{odd}: no such file" in result.stderr
+
+
+def test_unknown_task_for_models_lists_the_tasks(cli):
+    result = cli("models", "--task", "dera")
+    assert result.exit_code == 2 and "unknown task 'dera'; known tasks: deblur," in result.stderr
+
+
+def test_download_progress_draws_a_bar_on_a_terminal_only(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from derestore.cli import download_progress as module
+
+    quiet = Console(file=io.StringIO(), force_terminal=False)
+    monkeypatch.setattr(module, "console", quiet)
+    with module.download_progress() as progress:
+        progress("toy", 10, 100)
+    assert quiet.file.getvalue() == ""
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+    monkeypatch.setattr(module, "console", terminal)
+    with module.download_progress() as progress:
+        progress("toy[/x]", 0, 100)
+        progress("toy[/x]", 100, 100)
+    assert "toy[/x]" in terminal.file.getvalue()
+
+
+# ---------------------------------------------------------------- without any network
+
+
+def _no_network_available() -> bool:
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+no_network = pytest.mark.skipif(not _no_network_available(), reason="needs `unshare -n` (root or user namespaces)")
+
+
+def _offline_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DERESTORE_") and "proxy" not in k.lower()}
+    # A large backoff: any retry of an unreachable source would blow the time limit.
+    return {**env, "DERESTORE_HOME": str(tmp_path / "cache"), "DERESTORE_BACKOFF": "30", "PYTHONPATH": str(REPO)}
+
+
+@no_network
+def test_without_network_the_default_derain_download_fails_fast_with_exit_3(tmp_path):
+    started = time.monotonic()
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "derestore", "weights", "download", "restormer-derain"],
+        env=_offline_env(tmp_path), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert time.monotonic() - started < 10
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith("error: could not download restormer-derain: https://github.com/")
+    assert error.count("cannot resolve the host name") == 2
+
+
+@no_network
+def test_without_network_a_derain_run_fails_within_10_seconds_with_exit_3(tmp_path):
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16), "gray").save(photo)
+    started = time.monotonic()
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "derestore", "derain", str(photo)],
+        env=_offline_env(tmp_path), capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )
+    assert time.monotonic() - started < 10
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert "restormer-derain" in result.stderr

@@ -36,6 +36,9 @@ def _root(
     ),
 ) -> None:
     """Restore degraded photographs with published networks."""
+    from .common import show_library_logs
+
+    show_library_logs()
 
 
 def _register_commands() -> None:
@@ -49,27 +52,62 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def main() -> None:
-    """Run the app; a malformed command line gets one line and exit 2 instead of a help panel."""
+def _click_usage_error() -> type[Exception]:
+    """click's UsageError, reached through typer's public BadParameter (typer vendors click privately)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`derestore models | head -1`): stop quietly, as git does."""
+    import os
     import sys
 
-    try:
-        from typer._click import exceptions  # typer ≥ 0.24 vendors click
-    except ImportError:
-        from click import exceptions
+    # Later flushes (at exit) would raise again: send them nowhere.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
+
+def main() -> None:
+    """Run the app; a malformed command line gets one line and exit 2 instead of a help panel."""
+    import os
+    import signal
+    import sys
+
+    # A scheduler's SIGTERM (scancel, timeouts) stops the run like Ctrl-C, from the very start:
+    # the image in flight is abandoned, finished outputs and the run record are kept.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     from .common import error_line
 
+    usage_error = _click_usage_error()
     try:
         code = app(standalone_mode=False)
-    except exceptions.UsageError as exc:
+    except usage_error as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `derestore` or `derestore weights` alone
-            typer.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+            ctx = getattr(exc, "ctx", None)
+            typer.echo(ctx.get_help() if ctx else "", err=True)
         else:
-            where = exc.ctx.command_path if exc.ctx else "derestore"
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx else "derestore"
             error_line(f"{exc.format_message()} (see `{where} --help`)")
         code = 2
-    except exceptions.Abort:
+    except typer.Abort:
         error_line("interrupted")
         code = 130
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        code = 130
+    except BrokenPipeError:
+        code = _stdout_closed()
+    except SystemExit as exc:
+        # rich answers a closed stdout (e.g. while printing --help) with SystemExit(1).
+        code = _stdout_closed() if isinstance(exc.__context__, BrokenPipeError) else exc.code
+    except Exception as exc:
+        # A bug of derestore's: one line for a batch log, the traceback on request.
+        if os.environ.get("DERESTORE_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())[:500]
+        error_line(f"internal error: {type(exc).__name__}: {text}; rerun with DERESTORE_DEBUG=1 for the "
+                   "traceback, and please report it")
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from .common import console, emit_json, exit_on_error
+from .common import console, emit_json, exit_on_error, say
 
 if TYPE_CHECKING:
     from ..evaluate import PairResult, Summary
@@ -74,7 +74,7 @@ def _run(
     from ..errors import UsageError
     from ..evaluate import evaluate, pair_paths
     from ..metrics import PROTOCOLS
-    from ..report import check_output_path, write_csv, write_report
+    from ..report import check_output_path, scored_images, write_csv, write_report
 
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol {protocol!r} is unknown; choose one of: {', '.join(PROTOCOLS)}")
@@ -83,17 +83,18 @@ def _run(
         if value < 0:
             raise UsageError(f"{option} {value}: must be 0 or more")
     outputs = [(option, path) for option, path in (("--csv", csv_path), ("--report", report_path)) if path]
+    scored = scored_images(gt, pred) if outputs else {}
     for option, path in outputs:
-        check_output_path(path, option)
+        check_output_path(path, option, scored)
     if len(outputs) == 2 and csv_path.resolve() == report_path.resolve():
         raise UsageError(f"--csv and --report both name {csv_path}; give them different files")
     pairing = pair_paths(gt, pred, match=match)
     for path in pairing.unmatched_gt:
-        console.print(f"[red]unmatched:[/] no prediction for {path}", soft_wrap=True)
+        say("unmatched", f"no prediction for {path}")
     for path in pairing.unmatched_pred:
-        console.print(f"[red]unmatched:[/] no ground truth for {path}", soft_wrap=True)
+        say("unmatched", f"no ground truth for {path}")
     for message in pairing.ambiguous:
-        console.print(f"[red]ambiguous:[/] {message}", soft_wrap=True)
+        say("ambiguous", message)
 
     from rich.progress import Progress
 
@@ -104,10 +105,10 @@ def _run(
     def on_result(result: PairResult) -> None:
         progress.advance(task)
         if result.error is not None:
-            console.print(f"[red]failed:[/] {result.error}", soft_wrap=True)
+            say("failed", result.error)
         elif result.score is not None:
             for note in result.score.warnings:
-                console.print(f"[yellow]warning:[/] {result.pair.name}: {note}", soft_wrap=True)
+                say("warning", f"{result.pair.name}: {note}")
         if json_out:
             emit_json(result.record())
 
@@ -115,7 +116,7 @@ def _run(
         summary = evaluate(pairing, protocol=protocol, crop_border=crop_border, workers=workers or None,
                            on_result=on_result)
     for note in summary.warnings:
-        console.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+        say("warning", note)
     if json_out:
         emit_json(summary.record())
     else:
@@ -124,11 +125,12 @@ def _run(
         write_csv(summary, csv_path)
     if report_path is not None:
         write_report(summary, report_path)
-        console.print(f"report written to {report_path}")
+        say(None, f"report written to {report_path}")
     return summary
 
 
 def _print_table(summary: Summary, per_image: bool) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"protocol {summary.protocol}, crop border {summary.crop_border}")
@@ -138,9 +140,9 @@ def _print_table(summary: Summary, per_image: bool) -> None:
     if per_image:
         for r in summary.results:
             if r.score is None:
-                table.add_row(r.pair.name, "[red]failed[/]", "")
+                table.add_row(escape(r.pair.name), "[red]failed[/]", "")
             else:
-                table.add_row(r.pair.name, _number(r.score.psnr, 4), _number(r.score.ssim, 4))
+                table.add_row(escape(r.pair.name), _number(r.score.psnr, 4), _number(r.score.ssim, 4))
         table.add_section()
     means = summary.means
     # Six decimals: what the MATLAB scripts print (%f), so papers' numbers can be compared digit by digit.

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import signal
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from ..registry import TaskRecord
-from .common import console, emit_json, exit_on_error
+from .common import emit_json, exit_on_error, say, show_library_logs
 
 TILING_HELP = (
     "How large images are split. [bold]blend[/]: derestore's tiles with overlap context and "
@@ -25,14 +23,65 @@ TILE_HELP = (
 )
 
 
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """A scheduler's SIGTERM stops the batch the same clean way as Ctrl-C."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class _Renderer:
+    """Draws a run's events: one line per image on stderr, or JSON records on stdout."""
+
+    def __init__(self, *, quiet: bool, json_out: bool) -> None:
+        self.quiet = quiet
+        self.json_out = json_out
+        self.model: Any = None
+
+    def __call__(self, event: Any) -> None:
+        from ..runner import Finished, Loaded
+
+        if isinstance(event, Loaded):
+            self.model = event.model
+            if not self.quiet:
+                say(None, f"model {event.model.name} ({event.model.arch}) on {event.model.engine.device} "
+                          f"in {event.model.engine.precision}")
+        elif isinstance(event, Finished):
+            self._result(event.result)
+
+    def _result(self, result: Any) -> None:
+        if result.status == "failed":
+            say("failed", result.error or str(result.input))
+        elif not self.quiet and not self.json_out:
+            verb = "skipped (exists)" if result.status == "skipped" else f"({result.seconds:.2f} s)"
+            if result.metrics and result.metrics.get("ssim") is not None:
+                psnr = result.metrics["psnr"]
+                verb += f"  PSNR {'inf' if psnr is None else f'{psnr:.2f}'} dB  SSIM {result.metrics['ssim']:.4f}"
+            say(None, f"{result.input} → {result.output} {verb}")
+        for note in result.notes:
+            say("note", note)
+        if self.json_out:
+            record = result.record()
+            record.update(model=self.model.name, sha256=self.model.sha256)
+            emit_json(record)
+
+    def summary(self, report: Any, output: Path, protocol: str) -> None:
+        for note in report.notes:
+            say("note", note)
+        metrics = report.metrics
+        if metrics and not self.quiet and metrics.get("count"):
+            psnr, ssim = metrics["mean"]["psnr"], metrics["mean"]["ssim"]
+            say(None, f"mean over {metrics['count']} ({protocol}): PSNR "
+                      f"{'inf' if psnr is None else f'{psnr:.4f}'} dB, SSIM {'n/a' if ssim is None else f'{ssim:.4f}'}")
+        if report.record_error:
+            say("error", report.record_error)
+        if report.stopped:
+            say("error", f"{report.stopped}; rerun with --skip-existing to finish")
+        if self.json_out:
+            summary = report.counts()
+            if metrics is not None:
+                summary["metrics"] = metrics
+            emit_json({"summary": summary})
+        if report.interrupted:
+            say("interrupted", f"{report.ok} done, {report.not_started} not started; "
+                               "rerun with --skip-existing to finish")
+        elif not self.quiet:
+            colour = "yellow" if report.failed or report.stopped else "green"
+            say(None, f"{report.ok} restored, {report.skipped} skipped, {report.failed} failed in "
+                      f"{report.seconds:.1f} s → {output}", style=colour)
 
 
 def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callback
@@ -79,95 +128,29 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
         json_out: bool = typer.Option(False, "--json", help="One JSON object per image on stdout, then a summary object."),
         quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
     ) -> None:
-        import time
+        from .. import api, imageio
+        from ..engine import cpu_threads
+        from .download_progress import download_progress
 
-        from .. import __version__, api, imageio
-        from ..pipeline import manifest_path, write_manifest
+        if max_pixels is not None and max_pixels < 0:
+            from ..errors import UsageError
 
-        counts = {"ok": 0, "skipped": 0, "failed": 0}
-        interrupted = False
-        started = time.perf_counter()
-        with exit_on_error():
-            if max_pixels is not None and max_pixels < 0:
-                from ..errors import UsageError
-
+            with exit_on_error():
                 raise UsageError(f"--max-pixels {max_pixels}: must be 0 (no limit) or positive")
-            tile = api.check_tiling(tile, overlap, tiling)
-            jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
-                            from_list=from_list, shard=shard)
-            truth = api.GroundTruth.open(gt, protocol, crop_border) if gt is not None else None
-            loaded = api.load(task=task.name, model=model, weights=weights, device=device,
-                              precision=precision, batch_size=batch_size, layout=layout, compile=compile_model)
-            if not quiet:
-                console.print(f"model {loaded.name} ({loaded.arch}) on {loaded.engine.device} "
-                              f"in {loaded.engine.precision}; {len(jobs)} input(s)")
-            limit = imageio.DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)
-            results = api.restore(jobs, model=loaded, tile=tile, overlap=overlap, tiling=tiling, max_pixels=limit,
-                                  skip_existing=skip_existing, fail_fast=fail_fast, score=truth)
-            try:
-                with sigterm_as_interrupt():
-                    for result in results:
-                        counts[result.status] += 1
-                        if result.status == "failed":
-                            console.print(f"[red]failed:[/] {result.error}")
-                        elif not quiet and not json_out:
-                            verb = "skipped (exists)" if result.status == "skipped" else f"({result.seconds:.2f} s)"
-                            if result.metrics and result.metrics.get("ssim") is not None:
-                                psnr = result.metrics["psnr"]
-                                verb += f"  PSNR {'inf' if psnr is None else f'{psnr:.2f}'} dB  SSIM {result.metrics['ssim']:.4f}"
-                            console.print(f"{result.input} → {result.output} {verb}")
-                        for note in result.notes:
-                            console.print(f"[yellow]note:[/] {note}")
-                        if json_out:
-                            record = result.record()
-                            record.update(model=loaded.name, sha256=loaded.sha256)
-                            emit_json(record)
-            except KeyboardInterrupt:
-                interrupted = True
-            elapsed = time.perf_counter() - started
-            summary: dict[str, object] = {**counts, "total": len(jobs), "seconds": round(elapsed, 3),
-                                          "model": loaded.name, "interrupted": interrupted}
-            if truth is not None and truth.means is not None:
-                summary["metrics"] = truth.means.record(protocol)
-                for warning in truth.means.warnings():
-                    console.print(f"[yellow]note:[/] {warning}")
-                if truth.unmatched:
-                    console.print(f"[yellow]note:[/] {len(truth.unmatched)} output(s) have no ground truth in {gt}: "
-                                  + ", ".join(p.name for p in truth.unmatched[:5]))
-                if not quiet and truth.means.count:
-                    psnr, ssim = truth.means.psnr, truth.means.ssim
-                    console.print(f"mean over {truth.means.count} ({protocol}): PSNR "
-                                  f"{'inf' if psnr is None else f'{psnr:.4f}'} dB, SSIM "
-                                  f"{'n/a' if ssim is None else f'{ssim:.4f}'}")
-            write_manifest(manifest_path(output, shard), {
-                "version": __version__,
-                "task": task.name,
-                "model": loaded.name,
-                "arch": loaded.arch,
-                "checkpoint": str(loaded.checkpoint),
-                "sha256": loaded.sha256,
-                "device": str(loaded.engine.device),
-                "precision": loaded.engine.precision,
-                "options": {"tile": tile if tile is not None else loaded.tile,
-                            "overlap": overlap if overlap is not None else loaded.overlap,
-                            "tiling": tiling, "batch_size": batch_size, "layout": layout,
-                            "channels_last": loaded.engine.channels_last, "compile": compile_model, "ext": ext, "suffix": suffix,
-                            "keep_tree": keep_tree, "skip_existing": skip_existing, "shard": shard,
-                            "max_pixels": limit},
-                "counts": summary,
-            })
-            if json_out:
-                emit_json({"summary": summary})
-            if interrupted:
-                console.print(f"[yellow]interrupted:[/] {counts['ok']} done, "
-                              f"{len(jobs) - sum(counts.values())} not started; rerun with --skip-existing to finish")
-                raise typer.Exit(130)
-            if not quiet:
-                colour = "yellow" if counts["failed"] else "green"
-                console.print(f"[{colour}]{counts['ok']} restored, {counts['skipped']} skipped, "
-                              f"{counts['failed']} failed in {elapsed:.1f} s → {output}[/]")
-        if counts["failed"]:
-            raise typer.Exit(1)
+        show_library_logs(quiet)
+        render = _Renderer(quiet=quiet, json_out=json_out)
+        with exit_on_error(), download_progress() as progress:
+            report = api.run(
+                inputs or [], output, task=task.name, model=model, weights=weights, recursive=recursive,
+                from_list=from_list, keep_tree=keep_tree, ext=ext, suffix=suffix, tile=tile, overlap=overlap,
+                tiling=tiling, batch_size=batch_size, device=device, precision=precision, layout=layout,
+                compile=compile_model, skip_existing=skip_existing, shard=shard, fail_fast=fail_fast,
+                max_pixels=imageio.DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None),
+                gt=gt, protocol=protocol, crop_border=crop_border, threads=cpu_threads(), on_event=render,
+                download_progress=progress,
+            )
+        render.summary(report, output, protocol)
+        raise typer.Exit(report.exit_code)
 
     command.__doc__ = (
         f"{task.summary.capitalize()} (default model: {task.default}).\n\n"

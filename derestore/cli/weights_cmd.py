@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
-from .common import console, emit_json, exit_on_error
+from .common import emit_json, error_line, exit_on_error, render_error, say
 
 if TYPE_CHECKING:
     from ..registry import ModelRecord, Registry
@@ -101,10 +101,8 @@ def models(
     """
     with exit_on_error():
         registry = _registry()
-        if task is not None and task not in registry.tasks:
-            from ..errors import UsageError
-
-            raise UsageError(f"unknown task '{task}'; known tasks: {', '.join(sorted(registry.tasks))}")
+        if task is not None:
+            registry.task(task)
         records = sorted(registry.models.values(), key=lambda r: (r.task, r.name))
         infos = [_model_info(registry, r) for r in records if task is None or r.task == task]
         if json_out:
@@ -114,9 +112,9 @@ def models(
         _print_table(infos)
         for name, published in registry.bundled_fallbacks().items():
             if task is None or task == name:
-                console.print(f"note: {name} defaults to the bundled {registry.tasks[name].default}: its published "
-                              f"checkpoints ({', '.join(r.name for r in published)}) need a manual download; "
-                              "import one with `derestore weights import NAME FILE` and pass -m NAME")
+                say("note", f"{name} defaults to the bundled {registry.tasks[name].default}: its published "
+                            f"checkpoints ({', '.join(r.name for r in published)}) need a manual download; "
+                            "import one with `derestore weights import NAME FILE` and pass -m NAME")
 
 
 def _print_table(infos: list[dict[str, Any]]) -> None:
@@ -124,6 +122,7 @@ def _print_table(infos: list[dict[str, Any]]) -> None:
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("task", "name", "arch", "dataset", "default", "cached", "size", "licence", "pinned", "download"):
@@ -133,7 +132,7 @@ def _print_table(infos: list[dict[str, Any]]) -> None:
             pinned = "yes"
         else:
             pinned = "recorded" if info["sha256"] else "no"
-        table.add_row(
+        cells = (
             info["task"],
             info["name"],
             info["arch"],
@@ -145,8 +144,9 @@ def _print_table(infos: list[dict[str, Any]]) -> None:
             pinned,
             info["download"],
         )
-    # stdout carries the data; a pipe gets a wide table instead of one squeezed to 80 columns.
-    out = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+        table.add_row(*(Text(cell) for cell in cells))  # registry strings are text, never markup
+    # stdout carries the data; a pipe gets one line per model, never a table squeezed and wrapped.
+    out = Console(width=None if sys.stdout.isatty() else 10_000, highlight=False)
     out.print(table)
 
 
@@ -170,16 +170,18 @@ def download(
     """
     from .. import hub
     from ..errors import DerestoreError
+    from .download_progress import download_progress
 
     with exit_on_error():
         records = _records(_registry(), names)
     failed = 0
     for record in records:
         try:
-            path = hub.fetch(record)
+            with download_progress() as progress:
+                path = hub.fetch(record, progress=progress, check=_check_loads_for(record))
         except DerestoreError as exc:
             failed += 1
-            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            error_line(render_error(exc))
             if json_out:
                 emit_json({"name": record.name, "status": "failed", "error": str(exc)})
             continue
@@ -202,16 +204,26 @@ def import_(
     """Copy a checkpoint fetched in a browser into the cache, checked by content.
 
     A pinned model must match its sha256; otherwise the file must load as the model's
-    architecture. The file's own name does not matter.
+    architecture. The file's own name does not matter. Bundled models (lite-*) cannot be
+    replaced: run a task with --weights FILE instead.
 
     Example: derestore weights import derestormer-snow100k ~/Downloads/Snow100K.pth
     """
+    import shlex
+
     from .. import hub
+    from ..errors import UsageError
 
     with exit_on_error():
         record = _registry().model(name)
+        if record.bundled:
+            raise UsageError(
+                f"{record.name} ships with derestore and is always read from the installation, so an imported "
+                f"file would never be used; run `derestore {record.task} INPUTS --weights {shlex.quote(str(file))}` "
+                "instead, or add the file to a DERESTORE_REGISTRY file under another name"
+            )
         path = hub.import_file(record, file, check_loads=_check_loads_for(record))
-        console.print(f"imported {file} as {record.name}")
+        say(None, f"imported {file} as {record.name}")
         typer.echo(str(path))
 
 
@@ -241,13 +253,13 @@ def verify(
             continue
         bad += 1
         if result.status == "missing":
-            console.print(f"[yellow]missing:[/] {record.name} is not in the cache; "
-                          f"`derestore weights download {record.name}` fetches it", soft_wrap=True)
+            say("missing", f"{record.name} is not in the cache; "
+                           f"`derestore weights download {record.name}` fetches it")
         else:
-            console.print(f"[bold red]corrupt:[/] {result.path}: sha256 {result.actual}, expected "
-                          f"{result.expected}; deleted, it is downloaded again on next use", soft_wrap=True)
+            say("corrupt", f"{result.path}: sha256 {result.actual}, expected "
+                           f"{result.expected}; deleted, it is downloaded again on next use")
     if not records:
-        console.print("no cached checkpoints to verify")
+        say(None, "no cached checkpoints to verify")
     if bad:
         raise typer.Exit(3)
 
@@ -282,6 +294,6 @@ def rm(names: List[str] = typer.Argument(..., help="Registry model names.", show
         for record in records:
             removed = hub.remove(record)
             if removed:
-                console.print(f"removed {record.name} ({len(removed)} files in {hub.model_dir(record)})")
+                say(None, f"removed {record.name} ({len(removed)} files in {hub.model_dir(record)})")
             else:
-                console.print(f"{record.name} was not in the cache")
+                say(None, f"{record.name} was not in the cache")

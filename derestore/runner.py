@@ -1,0 +1,244 @@
+"""A whole restore run: validate, plan, load, restore, score, and leave a run record.
+
+`run()` is what `derestore derain …` executes; the CLI only renders the events
+it reports and maps the report to an exit code. Every option is checked, and
+every output location probed, before the model is loaded. The run record
+(`derestore-run.json`) is written whenever work started: after a normal end,
+an interrupt (even one during model loading), a device failure or a closed
+output stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from . import __version__, imageio
+from .errors import DerestoreError, DeviceFailure, UsageError
+from .pipeline import Job, Result, check_output_locations, manifest_path, refuse_overwrites, write_manifest
+
+if TYPE_CHECKING:
+    from .api import Model
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The inputs were found and their outputs named; nothing is loaded yet."""
+
+    jobs: list[Job]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The model is ready on its device."""
+
+    model: Model
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One input is done: restored, skipped or failed."""
+
+    result: Result
+
+
+Event = Union[Planned, Loaded, Finished]
+
+
+@dataclass
+class RunReport:
+    """What a run did; `exit_code` follows the CLI's convention (0, 1, 130)."""
+
+    total: int = 0
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    stopped: str | None = None  # why the run stopped before the end (a device failure), if it did
+    model: str | None = None
+    threads: int | None = None
+    metrics: dict[str, object] | None = None
+    notes: list[str] = field(default_factory=list)
+    record: Path | None = None  # the run record, once written
+    record_error: str | None = None  # why the run record could not be written
+
+    @property
+    def not_started(self) -> int:
+        return self.total - self.ok - self.skipped - self.failed
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed or self.stopped or self.record_error else 0
+
+    def counts(self) -> dict[str, object]:
+        return {"ok": self.ok, "skipped": self.skipped, "failed": self.failed, "total": self.total,
+                "seconds": round(self.seconds, 3), "model": self.model, "interrupted": self.interrupted,
+                "stopped": self.stopped}
+
+
+def run(
+    inputs: list[str] | str,
+    output: str | Path = "restored",
+    *,
+    task: str | None = None,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    recursive: bool = False,
+    from_list: str | None = None,
+    keep_tree: bool = False,
+    ext: str | None = None,
+    suffix: str = "",
+    tile: int | str | None = None,
+    overlap: int | None = None,
+    tiling: str = "blend",
+    batch_size: int = 4,
+    device: str = "auto",
+    precision: str = "auto",
+    layout: str = "auto",
+    compile: bool = False,
+    skip_existing: bool = False,
+    shard: str | None = None,
+    fail_fast: bool = False,
+    max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS,
+    gt: str | Path | None = None,
+    protocol: str = "restormer",
+    crop_border: int = 0,
+    threads: int | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    download_progress: Callable[[str, int, int | None], None] | None = None,
+) -> RunReport:
+    """Restore every input into `output` and write the run record; returns what happened.
+
+    `max_pixels` None means no limit. `threads` sets torch's CPU threads (None:
+    leave them as the process has them). `download_progress(name, done, total)` follows a
+    checkpoint's download (see `derestore.load`). An interrupt (KeyboardInterrupt) ends
+    the run cleanly: finished outputs are kept, the record says so, and the
+    report has `interrupted` set. Usage errors and an unavailable model raise
+    before anything is written.
+    """
+    from . import api
+
+    emit = on_event or (lambda event: None)
+    started = time.perf_counter()
+    if max_pixels is not None and max_pixels < 1:
+        raise UsageError(f"max_pixels {max_pixels}: must be positive, or None for no limit")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads {threads}: must be at least 1")
+    tile = api.check_tiling(tile, overlap, tiling)
+    api.check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size)
+    jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
+                    from_list=from_list, shard=shard)
+    truth = api.GroundTruth.open(gt, protocol, crop_border) if gt is not None else None
+    if truth is None:
+        api.check_protocol(protocol, crop_border)
+    if truth is not None:
+        refuse_overwrites(jobs, {truth.folder.resolve(): "the ground-truth folder"})
+    record_path = manifest_path(Path(output).expanduser(), shard)
+    check_output_locations(jobs, record_path)
+    emit(Planned(jobs))
+
+    report = RunReport(total=len(jobs))
+    loaded: Model | None = None
+    options = {"tile": tile, "overlap": overlap, "tiling": tiling, "batch_size": batch_size, "device": device,
+               "precision": precision, "layout": layout, "compile": compile, "ext": ext, "suffix": suffix,
+               "keep_tree": keep_tree, "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast,
+               "max_pixels": max_pixels}
+    try:
+        try:
+            if threads is not None:
+                from .engine import set_cpu_threads
+
+                set_cpu_threads(threads)
+            loaded = api.load(task=task, model=model, weights=weights, device=device, precision=precision,
+                              batch_size=batch_size, layout=layout, compile=compile,
+                              download_progress=download_progress)
+        except DerestoreError:
+            record_path = None  # nothing was done: no record
+            raise
+        report.model = loaded.name
+        emit(Loaded(loaded))
+        results = api.restore(jobs, model=loaded, tile=tile, overlap=overlap, tiling=tiling,
+                              max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast,
+                              score=truth)
+        try:
+            _consume(results, lambda result: _count(report, result, emit))
+        finally:
+            results.close()  # any other exception in `emit` still lets the writes in flight finish
+    except KeyboardInterrupt:
+        report.interrupted = True
+    except DeviceFailure as exc:
+        report.stopped = str(exc)
+    finally:
+        report.seconds = time.perf_counter() - started
+        if truth is not None and truth.means is not None:
+            report.metrics = truth.means.record(protocol)
+            report.notes += truth.means.warnings()
+            if truth.unmatched:
+                report.notes.append(f"{len(truth.unmatched)} output(s) have no ground truth in {truth.folder}: "
+                                    + ", ".join(p.name for p in truth.unmatched[:5]))
+        if record_path is not None:
+            _write_record(record_path, report, loaded, task, options)
+    return report
+
+
+def _count(report: RunReport, result: Result, emit: Callable[[Event], None]) -> None:
+    setattr(report, result.status, getattr(report, result.status) + 1)
+    emit(Finished(result))
+
+
+def _consume(results: Iterator[Result], handle: Callable[[Result], None]) -> None:
+    """`handle` every result; an interrupt that arrives inside `handle` is passed into the pipeline, which
+    then reports the outputs already being written before it stops, as when the interrupt reaches it."""
+    interrupt: KeyboardInterrupt | None = None
+    while True:
+        try:
+            if interrupt is not None:
+                pending, interrupt = interrupt, None
+                result = results.throw(pending)  # type: ignore[attr-defined]
+            else:
+                result = next(results)
+        except StopIteration:
+            return
+        try:
+            handle(result)
+        except KeyboardInterrupt as exc:
+            interrupt = exc
+
+
+def _write_record(path: Path, report: RunReport, model: Model | None, task: str | None,
+                  options: dict[str, object]) -> None:
+    import torch
+
+    report.threads = torch.get_num_threads()
+    engine = model.engine if model is not None else None
+    data = {
+        "version": __version__,
+        "task": task,
+        "model": report.model,
+        "arch": model.arch if model else None,
+        "checkpoint": str(model.checkpoint) if model else None,
+        "sha256": model.sha256 if model else None,
+        "device": str(engine.device) if engine else None,
+        "precision": engine.precision if engine else None,
+        "threads": report.threads,
+        "options": {**options,
+                    "tile": options["tile"] if options["tile"] is not None or model is None else model.tile,
+                    "overlap": options["overlap"] if options["overlap"] is not None or model is None
+                    else model.overlap,
+                    "channels_last": engine.channels_last if engine else None},
+        "counts": report.counts(),
+    }
+    if report.metrics is not None:
+        data["metrics"] = report.metrics
+    try:
+        write_manifest(path, data)
+    except OSError as exc:
+        report.record_error = f"cannot write the run record {path}: {exc.strerror or exc}"
+    else:
+        report.record = path
