@@ -756,7 +756,8 @@ def _unreachable(exc: BaseException) -> str | None:
     """Why a connection could not even be opened (name not resolved, refused, no route), else None.
 
     Retrying such a source only delays the next one (or the error, without any network):
-    it fails over at once. A connect timeout or a drop mid-transfer stays transient.
+    it fails over at once. So does a connect timeout: behind a firewall that drops packets,
+    each retry would cost the whole timeout again. A drop mid-transfer stays transient.
     """
     if not isinstance(exc, requests.ConnectionError) or not exc.args:
         return None
@@ -769,6 +770,8 @@ def _unreachable(exc: BaseException) -> str | None:
     if isinstance(reason, urllib3.exceptions.NewConnectionError):
         text = str(reason).rsplit("]", 1)[-1].strip()  # "… [Errno 111] Connection refused"
         return via + (text[:1].lower() + text[1:] if text else "cannot connect")
+    if isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+        return f"{via}no answer to the connection attempt (timed out)"
     return None
 
 

@@ -314,6 +314,36 @@ def test_no_reachable_source_fails_at_once_naming_each_source_and_why(monkeypatc
     assert cache_files(tmp_path) == []
 
 
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A port whose listen queue is full: connection attempts get no answer, as behind a dropping firewall."""
+    server_sock = socket.socket()
+    server_sock.bind(("127.0.0.1", 0))
+    server_sock.listen(0)
+    port = server_sock.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.1)
+    yield port
+    for sock in [server_sock, *fillers]:
+        sock.close()
+
+
+def test_connect_timeout_fails_over_after_one_timeout(server, monkeypatch, unanswered_port, sleeps):
+    good = server.add("/w/toy.pth", PAYLOAD)
+    monkeypatch.setenv("DERESTORE_TIMEOUT", "1")
+    monkeypatch.setenv("DERESTORE_RETRIES", "5")
+    monkeypatch.setenv("DERESTORE_BACKOFF", "30")
+    started = time.monotonic()
+    path = hub.fetch(record(f"http://127.0.0.1:{unanswered_port}/toy.pth", good))
+    assert path.read_bytes() == PAYLOAD
+    assert 0.9 < time.monotonic() - started < 3 and sleeps == []
+
+
 def test_drive_source_on_an_unresolvable_host_fails_over_without_backoff(server, monkeypatch, sleeps):
     good = server.add("/w/toy.pth", PAYLOAD)
     monkeypatch.setenv("DERESTORE_GDRIVE_URL", "https://drive.nonexistent.invalid/uc")

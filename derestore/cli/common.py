@@ -106,4 +106,3 @@ def show_library_logs(quiet: bool = False) -> None:
     handler = _ConsoleHandler()
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
