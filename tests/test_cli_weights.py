@@ -12,10 +12,9 @@ import types
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from derestore.cli.weights_cmd import register
+from derestore.cli import app
 from derestore.errors import ModelUnavailable
 from tests.httpserver_util import FaultServer
 
@@ -24,18 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """derestore"""
-
-    register(app)
-    return app
-
-
-APP = make_app()
+APP = app  # the real one: its root callback routes the library's log records to stderr
 
 
 @pytest.fixture
