@@ -353,4 +353,7 @@ def test_without_network_a_derain_run_fails_within_10_seconds_with_exit_3(tmp_pa
     )
     assert time.monotonic() - started < 10
     assert result.returncode == 3 and "Traceback" not in result.stderr
-    assert "restormer-derain" in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "could not download restormer-derain" in error and "`derestore weights import restormer-derain FILE`" in error
+    assert error.endswith("; the bundled -m lite-derain needs no download")
+    assert not (tmp_path / "restored").exists()  # nothing written for a run that never started
