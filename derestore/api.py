@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import imageio
 from .errors import DeviceFailure, ModelUnavailable, UsageError
-from .pipeline import (Job, Result, Scorer, discover, parse_shard, plan_jobs, read_list,
+from .pipeline import (Job, Result, Scorer, Step, discover, parse_shard, plan_jobs, read_list,
                        remove_stale_temp_files, run_jobs)
 from .pipeline import shard as pipeline_shard
 from .registry import ModelRecord, Registry, load_registry
@@ -118,6 +119,15 @@ class Model:
         if key not in self._said:
             self._said.add(key)
             notes.append(text)
+
+    def step(self, *, tile: int | str | None = None, overlap: int | None = None, tiling: str = "blend",
+             max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS, score: Scorer | None = None) -> Step:
+        """What this model does to one input file (read, restore, write), for any executor."""
+        def restore(array: object) -> tuple[object, list[str]]:
+            return self.restore_array(array, tile=tile, overlap=overlap, tiling=tiling)  # type: ignore[arg-type]
+
+        return Step(restore, prepare=imageio.to_float, finish=imageio.from_float,  # type: ignore[arg-type]
+                    score=score, max_pixels=max_pixels)
 
     def restore_image(self, image: imageio.Image, **kwargs: object) -> tuple[imageio.Image, list[str]]:
         restored, notes = self.restore_array(imageio.to_float(image), **kwargs)  # type: ignore[arg-type]
@@ -296,11 +306,8 @@ def restore(inputs: list[str] | str | list[Job], output: str | Path | None = Non
         jobs = plan(inputs, output, recursive=recursive, ext=ext, suffix=suffix)  # type: ignore[arg-type]
     remove_stale_temp_files(jobs)
 
-    def run_one(array: object) -> tuple[object, list[str]]:
-        return model.restore_array(array, tile=tile, overlap=overlap, tiling=tiling)  # type: ignore[arg-type]
-
-    return run_jobs(jobs, run_one, prepare=imageio.to_float, finish=imageio.from_float,  # type: ignore[arg-type]
-                    max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast, score=score)
+    return run_jobs(jobs, model.step(tile=tile, overlap=overlap, tiling=tiling, max_pixels=max_pixels, score=score),
+                    skip_existing=skip_existing, fail_fast=fail_fast)
 
 
 def check_protocol(protocol: str, crop_border: int = 0) -> None:
@@ -336,15 +343,29 @@ class GroundTruth:
         return cls(folder, protocol, crop_border, by_stem, RunningMeans())
 
     def __call__(self, job: Job, restored: imageio.Image) -> dict[str, object]:
+        """The output's metrics (no state changes: it may run on any thread or worker); see `add`."""
         from .evaluate import score_output
 
         gt = self.by_stem.get(job.input.stem)
         if gt is None:
-            self.unmatched.append(job.input)
             return {"gt": None, "psnr": None, "ssim": None}
         pixels = restored.pixels[..., 0] if restored.is_gray else restored.pixels
         score = score_output(pixels, gt, protocol=self.protocol, crop_border=self.crop_border)
+        finite = [v if math.isfinite(v) else None for v in (score.psnr, score.ssim)]
+        return {"gt": str(gt), "psnr": finite[0], "ssim": finite[1], "identical": score.identical}
+
+    def add(self, result: Result) -> None:
+        """Count a finished output's metrics into the means (or its input as unmatched)."""
+        from .metrics import Score
+
+        metrics = result.metrics
+        if metrics is None or result.status != "ok":
+            return
+        if metrics["gt"] is None:
+            self.unmatched.append(result.input)
+            return
         assert self.means is not None
-        self.means.add(score)
-        return {"gt": str(gt), "psnr": score.psnr if score.psnr != float("inf") else None,
-                "ssim": score.ssim, "identical": score.identical}
+        psnr, ssim = metrics["psnr"], metrics["ssim"]
+        self.means.add(Score(psnr=math.inf if psnr is None else float(psnr),  # type: ignore[arg-type]
+                             ssim=math.nan if ssim is None else float(ssim),  # type: ignore[arg-type]
+                             identical=bool(metrics["identical"])))

@@ -266,6 +266,64 @@ def _keep(restored: object, image: imageio.Image) -> imageio.Image:
     return restored  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Step:
+    """What happens to one input — read, restore, write — whichever executor runs it.
+
+    `prepare` turns the decoded image into the model's input (e.g. floats),
+    `restore` runs the model, `finish` turns its output back into an image,
+    `score` (optional) measures it against ground truth before it is written.
+    """
+
+    restore: Restorer
+    prepare: Prepare = _identity
+    finish: Finish = _keep
+    score: Scorer | None = None
+    max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS
+
+    def read(self, job: Job) -> Prepared:
+        image = imageio.read_image(job.input, max_pixels=self.max_pixels)
+        return Prepared(image, self.prepare(image))
+
+    def compute(self, job: Job, prepared: Prepared, result: Result) -> object:
+        """The model's output for `prepared`, its size and notes recorded in `result`."""
+        result.width, result.height = prepared.image.width, prepared.image.height
+        if prepared.image.frames > 1:
+            result.notes.append(f"{job.input} has {prepared.image.frames} frames or pages; only the first "
+                                "was restored")
+        restored, notes = self.restore(prepared.payload)
+        result.notes.extend(notes)
+        return restored
+
+    def write(self, job: Job, result: Result, restored: object, image: imageio.Image) -> list[str]:
+        final = self.finish(restored, image)
+        if self.score is not None:
+            result.metrics = self.score(job, final)
+        job.output.parent.mkdir(parents=True, exist_ok=True)
+        return imageio.write_image(job.output, final)
+
+    def __call__(self, job: Job) -> Result:
+        """One input start to finish, on this thread: its result, `failed` with the reason if anything
+        went wrong. Only DeviceFailure and KeyboardInterrupt escape."""
+        started = time.perf_counter()
+        result = Result(job.input, job.output, "ok")
+        try:
+            prepared = self.read(job)
+            restored = self.compute(job, prepared, result)
+            result.notes.extend(self.write(job, result, restored, prepared.image))
+        except DeviceFailure:
+            raise
+        except Exception as exc:
+            result.status, result.error = "failed", _failure(job, exc)
+        result.seconds = time.perf_counter() - started
+        return result
+
+
+def already_done(job: Job) -> bool:
+    """Whether `job`'s output exists; outputs are atomic, so an existing one is complete."""
+    return job.output.is_file()
+
+
 def _in_thread(fn: Callable[..., T], *args: object, track: list[Future[T]] | None = None) -> Future[T]:
     """Run `fn` on a daemon thread of its own: a read stuck on a dead network file system must not
     keep the process alive after the run has given up on it. The future joins `track` before the
@@ -309,25 +367,21 @@ def _failure(job: Job, exc: BaseException) -> str:
 
 def run_jobs(
     jobs: list[Job],
-    restore: Restorer,
+    step: Step,
     *,
-    prepare: Prepare = _identity,
-    finish: Finish = _keep,
-    max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS,
     skip_existing: bool = False,
     fail_fast: bool = False,
-    score: Scorer | None = None,
     readers: int = 2,
     writers: int = 2,
     read_timeout: float | None = READ_TIMEOUT,
 ) -> Iterator[Result]:
-    """Decode ahead and encode behind on worker threads while the model runs; yield results in input order.
+    """Run `step` on every job on this machine, decoding ahead and encoding behind on worker threads
+    while the model runs; yield results in input order.
 
-    Reader threads run `read_image` then `prepare` (e.g. conversion to floats);
-    the calling thread runs only `restore`, so a GPU is not left waiting on
-    conversions; writer threads run `finish`, `score` and `write_image`. At most
-    `readers` prepared inputs and `writers` finished outputs wait at a time, so
-    memory stays flat however many files there are.
+    Reader threads run `step.read`; the calling thread runs only `step.compute`,
+    so a GPU is not left waiting on conversions; writer threads run `step.write`.
+    At most `readers` prepared inputs and `writers` finished outputs wait at a
+    time, so memory stays flat however many files there are.
 
     Any exception of one input (unreadable, a model error, a failed write) makes
     that input's result `failed`; a read that takes longer than `read_timeout`
@@ -338,21 +392,10 @@ def run_jobs(
     """
     todo = []
     for job in jobs:
-        if skip_existing and job.output.is_file():
+        if skip_existing and already_done(job):
             yield Result(job.input, job.output, "skipped")
         else:
             todo.append(job)
-
-    def load(job: Job) -> Prepared:
-        image = imageio.read_image(job.input, max_pixels=max_pixels)
-        return Prepared(image, prepare(image))
-
-    def store(job: Job, result: Result, restored: object, image: imageio.Image) -> list[str]:
-        final = finish(restored, image)
-        if score is not None:
-            result.metrics = score(job, final)
-        job.output.parent.mkdir(parents=True, exist_ok=True)
-        return imageio.write_image(job.output, final)
 
     reads: list[Future[Prepared]] = []
     writes: list[Future[list[str]]] = []  # every write started, until the run ends
@@ -362,7 +405,7 @@ def run_jobs(
     def top_up() -> None:
         nonlocal next_read
         while next_read < len(todo) and len(reads) < readers:
-            reads.append(_in_thread(load, todo[next_read]))
+            reads.append(_in_thread(step.read, todo[next_read]))
             next_read += 1
 
     def finished(block: bool, grace: float | None = None) -> Iterator[Result]:
@@ -395,13 +438,8 @@ def run_jobs(
                 except FutureTimeout:
                     raise InputError(f"{job.input}: reading took longer than {read_timeout:g} s "
                                      "(a stalled network file system or device?); skipped") from None
-                result.width, result.height = loaded.image.width, loaded.image.height
-                if loaded.image.frames > 1:
-                    result.notes.append(f"{job.input} has {loaded.image.frames} frames or pages; only the first "
-                                        "was restored")
-                restored, notes = restore(loaded.payload)
-                result.notes.extend(notes)
-                write = _in_thread(store, job, result, restored, loaded.image, track=writes)
+                restored = step.compute(job, loaded, result)
+                write = _in_thread(step.write, job, result, restored, loaded.image, track=writes)
             except DeviceFailure as exc:
                 result.status, result.error = "failed", _failure(job, exc)
                 pending.append((result, None))

@@ -21,7 +21,7 @@ from .errors import DerestoreError, DeviceFailure, UsageError
 from .pipeline import Job, Result, check_output_locations, manifest_path, refuse_overwrites, write_manifest
 
 if TYPE_CHECKING:
-    from .api import Model
+    from .api import GroundTruth, Model
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def run(
                               max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast,
                               score=truth)
         try:
-            _consume(results, lambda result: _count(report, result, emit))
+            _consume(results, lambda result: _count(report, result, truth, emit))
         finally:
             results.close()  # any other exception in `emit` still lets the writes in flight finish
     except KeyboardInterrupt:
@@ -187,8 +187,10 @@ def run(
     return report
 
 
-def _count(report: RunReport, result: Result, emit: Callable[[Event], None]) -> None:
+def _count(report: RunReport, result: Result, truth: GroundTruth | None, emit: Callable[[Event], None]) -> None:
     setattr(report, result.status, getattr(report, result.status) + 1)
+    if truth is not None:
+        truth.add(result)
     emit(Finished(result))
 
 
