@@ -18,7 +18,7 @@ import numpy as np
 
 from . import imageio
 from .errors import DeviceFailure, ModelUnavailable, UsageError
-from .pipeline import (Job, Result, Scorer, Step, discover, parse_shard, plan_jobs, read_list,
+from .pipeline import (Job, Result, Scorer, Step, TileProgress, discover, parse_shard, plan_jobs, read_list,
                        remove_stale_temp_files, run_jobs)
 from .pipeline import shard as pipeline_shard
 from .registry import ModelRecord, Registry, load_registry
@@ -27,7 +27,7 @@ from .runner import run as run
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .evaluate import RunningMeans
+    from .evaluate import PairResult, Pairing, RunningMeans, Summary
 
 TILINGS = ("blend", "published")
 AUTO = "auto"
@@ -61,8 +61,11 @@ class Model:
         return self._sha256
 
     def restore_array(self, image: np.ndarray, *, tile: int | str | None = None, overlap: int | None = None,
-                      tiling: str = "blend") -> tuple[np.ndarray, list[str]]:
+                      tiling: str = "blend",
+                      on_tiles: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[str]]:
         """Restore one (3, H, W) float32 array in [0, 1]; returns the result and notes for the user.
+
+        `on_tiles(done, total)` follows a tiled image's progress (blend tiling).
 
         On a GPU out-of-memory error the image is retried with half the tile
         size (down to MIN_TILE); a half-precision result that is NaN/Inf or
@@ -79,7 +82,7 @@ class Model:
         notes: list[str] = []
         while True:
             try:
-                out = self._run(image, tile, overlap, tiling, None)
+                out = self._run(image, tile, overlap, tiling, None, on_tiles)
                 break
             except (RuntimeError, MemoryError) as exc:
                 if is_device_failure(exc):
@@ -97,14 +100,15 @@ class Model:
             self._say_once(notes, "compile", f"torch.compile: the first forward pass took "
                                              f"{self.engine.compile_seconds:.1f} s, compilation included")
         if self.engine.dtype != torch.float32 and _broken(out, image):
-            out = self._run(image, tile, overlap, tiling, torch.float32)
+            out = self._run(image, tile, overlap, tiling, torch.float32, on_tiles)
             self._say_once(notes, "half", f"{self.engine.precision} output was NaN/Inf or black; "
-                                          "redone in fp32 (use --precision fp32 to skip the first attempt)")
+                                          "redone in fp32 (precision='fp32' skips the first attempt)")
         return out, notes
 
-    def _run(self, image: np.ndarray, tile: int, overlap: int, tiling: str, dtype: object) -> np.ndarray:
+    def _run(self, image: np.ndarray, tile: int, overlap: int, tiling: str, dtype: object,
+             on_tiles: Callable[[int, int], None] | None = None) -> np.ndarray:
         if tiling not in TILINGS:
-            raise UsageError(f"--tiling '{tiling}' is not one of {', '.join(TILINGS)}")
+            raise UsageError(f"tiling='{tiling}' is not one of {', '.join(TILINGS)}")
         if tiling == "published":
             from .archs import PUBLISHED_WINDOWS
 
@@ -113,7 +117,7 @@ class Model:
                 return self.engine.restore(image, tile=0, dtype=dtype)
             windows = functools.partial(window_fn, max_batch=self.engine.batch_size)
             return self.engine.restore(image, tile=tile, window_fn=windows, dtype=dtype)
-        return self.engine.restore(image, tile=tile, overlap=overlap, dtype=dtype)
+        return self.engine.restore(image, tile=tile, overlap=overlap, dtype=dtype, on_tiles=on_tiles)
 
     def _say_once(self, notes: list[str], key: str, text: str) -> None:
         if key not in self._said:
@@ -123,8 +127,9 @@ class Model:
     def step(self, *, tile: int | str | None = None, overlap: int | None = None, tiling: str = "blend",
              max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS, score: Scorer | None = None) -> Step:
         """What this model does to one input file (read, restore, write), for any executor."""
-        def restore(array: object) -> tuple[object, list[str]]:
-            return self.restore_array(array, tile=tile, overlap=overlap, tiling=tiling)  # type: ignore[arg-type]
+        def restore(array: object, on_tiles: TileProgress | None = None) -> tuple[object, list[str]]:
+            return self.restore_array(array, tile=tile, overlap=overlap, tiling=tiling,  # type: ignore[arg-type]
+                                      on_tiles=on_tiles)
 
         return Step(restore, prepare=imageio.to_float, finish=imageio.from_float,  # type: ignore[arg-type]
                     score=score, max_pixels=max_pixels)
@@ -179,12 +184,12 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
     check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size)
     registry = registry or load_registry()
     if weights is not None and model is not None:
-        raise UsageError("give either --model or --weights, not both")
+        raise UsageError("give either model= or weights=, not both")
     record: ModelRecord | None = None
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise UsageError(f"--weights {path}: no such file; check the path")
+            raise UsageError(f"weights={path}: no such file; check the path")
         from .loading import load_model
 
         loaded = load_model(path)
@@ -195,7 +200,7 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         elif task is not None:
             record = registry.default_for(task)
         else:
-            raise UsageError("name a task, a --model or a --weights file")
+            raise UsageError("name a task, a model= or a weights= file")
         from . import hub
 
         try:
@@ -235,17 +240,23 @@ def _loads_as(record: ModelRecord) -> Callable[[Path], None]:
 
 
 def check_engine_options(*, device: str = "auto", precision: str = "auto", layout: str = "auto",
-                         batch_size: int = 4) -> None:
-    """Refuse a bad device, precision, layout or batch size before anything is loaded."""
-    from .engine import LAYOUTS, PRECISIONS, choose_device
+                         batch_size: int = 4, local: bool = True) -> None:
+    """Refuse a bad device, precision, layout or batch size before anything is loaded.
 
-    choose_device(device)
+    `local`: the device must exist here; otherwise (a cluster's workers) only its spelling is checked.
+    """
+    from .engine import LAYOUTS, PRECISIONS, choose_device, parse_device
+
+    if local:
+        choose_device(device)
+    else:
+        parse_device(device)
     if precision not in PRECISIONS:
-        raise UsageError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"precision='{precision}' is not one of {', '.join(PRECISIONS)}")
     if layout not in LAYOUTS:
-        raise UsageError(f"--layout '{layout}' is not one of {', '.join(LAYOUTS)}")
+        raise UsageError(f"layout='{layout}' is not one of {', '.join(LAYOUTS)}")
     if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+        raise UsageError(f"batch_size={batch_size}: must be at least 1")
 
 
 def plan(inputs: list[str] | str, output: str | Path, *, recursive: bool = False, ext: str | None = None,
@@ -259,7 +270,7 @@ def plan(inputs: list[str] | str, output: str | Path, *, recursive: bool = False
         inputs = [inputs]
     listed = read_list(from_list) if from_list else []
     if not inputs and not listed:
-        raise UsageError("no inputs: name image files, folders or globs, or give --from-list FILE")
+        raise UsageError("no inputs: name image files, folders or globs, or a list file (from_list=FILE)")
     part = parse_shard(shard) if shard else None
     sources = discover(inputs, recursive=recursive, listed=listed)
     jobs = plan_jobs(sources, Path(output).expanduser(), ext=ext, suffix=suffix, keep_tree=keep_tree)
@@ -273,18 +284,18 @@ def parse_tile(value: str | int | None) -> int | str | None:
     try:
         return int(value)
     except ValueError:
-        raise UsageError(f"--tile {value}: give a size in pixels, 0 (whole image) or auto") from None
+        raise UsageError(f"tile={value}: give a size in pixels, 0 (whole image) or auto") from None
 
 
 def check_tiling(tile: int | str | None, overlap: int | None, tiling: str) -> int | str | None:
     """Refuses bad tiling options; returns `tile` parsed (see parse_tile)."""
     tile = parse_tile(tile)
     if isinstance(tile, int) and tile < 0:
-        raise UsageError(f"--tile {tile}: must be 0 (whole image), a positive size or auto")
+        raise UsageError(f"tile={tile}: must be 0 (whole image), a positive size or auto")
     if overlap is not None and overlap < 0:
-        raise UsageError(f"--overlap {overlap}: must not be negative")
+        raise UsageError(f"overlap={overlap}: must not be negative")
     if tiling not in TILINGS:
-        raise UsageError(f"--tiling '{tiling}' is not one of {', '.join(TILINGS)}")
+        raise UsageError(f"tiling='{tiling}' is not one of {', '.join(TILINGS)}")
     return tile
 
 
@@ -295,9 +306,12 @@ def restore(inputs: list[str] | str | list[Job], output: str | Path | None = Non
             fail_fast: bool = False, score: Scorer | None = None) -> Iterator[Result]:
     """Restore every image named by `inputs` (files, folders, globs — or jobs from `plan`) into `output`.
 
-    Yields one `Result` per input, in input order, as each finishes.
+    Yields one `Result` per input, in input order, as each finishes. `max_pixels`:
+    larger images are refused (decompression-bomb guard); 0 or None: no limit.
+    For a whole run with its checks, events and run record, use `run`.
     """
     tile = check_tiling(tile, overlap, tiling)
+    max_pixels = check_max_pixels(max_pixels)
     if isinstance(inputs, list) and inputs and isinstance(inputs[0], Job):
         jobs = list(inputs)  # type: ignore[arg-type]
     else:
@@ -310,14 +324,21 @@ def restore(inputs: list[str] | str | list[Job], output: str | Path | None = Non
                     skip_existing=skip_existing, fail_fast=fail_fast)
 
 
+def check_max_pixels(max_pixels: int | None) -> int | None:
+    """The pixel limit as the reader takes it: 0 and None mean no limit; a negative one is refused."""
+    if max_pixels is not None and max_pixels < 0:
+        raise UsageError(f"max_pixels={max_pixels}: must be 0 (no limit) or positive")
+    return max_pixels or None
+
+
 def check_protocol(protocol: str, crop_border: int = 0) -> None:
     """Refuse an unknown metrics protocol or a negative crop border."""
     from .metrics import PROTOCOLS
 
     if protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol '{protocol}' is not one of {', '.join(PROTOCOLS)}")
+        raise UsageError(f"protocol='{protocol}' is not one of {', '.join(PROTOCOLS)}")
     if crop_border < 0:
-        raise UsageError(f"--crop-border {crop_border}: must not be negative")
+        raise UsageError(f"crop_border={crop_border}: must not be negative")
 
 
 @dataclass
@@ -337,7 +358,7 @@ class GroundTruth:
 
         folder = Path(folder).expanduser()
         if not folder.is_dir():
-            raise UsageError(f"--gt {folder}: not a folder; give the folder of ground-truth images")
+            raise UsageError(f"gt={folder}: not a folder; give the folder of ground-truth images")
         check_protocol(protocol, crop_border)
         by_stem = {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and imageio.is_image_path(p)}
         return cls(folder, protocol, crop_border, by_stem, RunningMeans())
@@ -369,3 +390,41 @@ class GroundTruth:
         self.means.add(Score(psnr=math.inf if psnr is None else float(psnr),  # type: ignore[arg-type]
                              ssim=math.nan if ssim is None else float(ssim),  # type: ignore[arg-type]
                              identical=bool(metrics["identical"])))
+
+
+def evaluate(gt: str | Path, pred: str | Path, *, protocol: str = "restormer", crop_border: int = 0,
+             csv: str | Path | None = None, report: str | Path | None = None, match: str | None = None,
+             workers: int | None = None, on_pairing: Callable[[Pairing], None] | None = None,
+             on_result: Callable[[PairResult], None] | None = None) -> Summary:
+    """Score the predictions in `pred` against the ground truths in `gt` (folders, or two images) as
+    the papers' scripts do, and write the optional `csv` and HTML `report`.
+
+    Every option and output file is checked before any scoring; an output that would replace
+    one of the images being scored is refused. `on_pairing(pairing)` is told which files
+    paired (and which did not); `on_result(result)` receives each pair's scores as they come.
+    `workers`: pairs scored at once (None: one per CPU core).
+    """
+    from .evaluate import evaluate as score_pairs
+    from .evaluate import pair_paths
+    from .report import check_output_path, scored_images, write_csv, write_report
+
+    gt, pred = Path(gt).expanduser(), Path(pred).expanduser()
+    check_protocol(protocol, crop_border)
+    if workers is not None and workers < 1:
+        raise UsageError(f"workers={workers}: must be at least 1 (or None for one per CPU core)")
+    outputs = {option: Path(path).expanduser() for option, path in (("csv", csv), ("report", report)) if path}
+    scored = scored_images(gt, pred) if outputs else {}
+    for option, path in outputs.items():
+        check_output_path(path, option, scored)
+    if len(outputs) == 2 and outputs["csv"].resolve() == outputs["report"].resolve():
+        raise UsageError(f"csv= and report= both name {outputs['csv']}; give them different files")
+    pairing = pair_paths(gt, pred, match=match)
+    if on_pairing is not None:
+        on_pairing(pairing)
+    summary = score_pairs(pairing, protocol=protocol, crop_border=crop_border, workers=workers,
+                          on_result=on_result)
+    if "csv" in outputs:
+        write_csv(summary, outputs["csv"])
+    if "report" in outputs:
+        write_report(summary, outputs["report"])
+    return summary

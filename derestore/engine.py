@@ -25,30 +25,38 @@ AUTO_TILE_BUDGET = 0.6
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def choose_device(spec: str = "auto") -> torch.device:
-    """`auto` → the first CUDA device when there is one, else the CPU."""
+def parse_device(spec: str) -> torch.device | None:
+    """`spec`'s device, checked for spelling only (None for `auto`): auto, cpu, cuda or cuda:N."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UsageError(f"--device '{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"device='{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device='{spec}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def choose_device(spec: str = "auto") -> torch.device:
+    """`auto` → the first CUDA device when there is one, else the CPU; a named device must exist here."""
+    device = parse_device(spec)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: no CUDA GPU is available here; use --device cpu")
+            raise UsageError(f"device='{spec}': no CUDA GPU is available here; use device='cpu'")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(
-                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present; use cuda:0…"
+                f"device='{spec}': only {torch.cuda.device_count()} CUDA device(s) present; use cuda:0…"
             )
-    elif device.type != "cpu":
-        raise UsageError(f"--device '{spec}' is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 
 def choose_precision(spec: str, descriptor: ImageModelDescriptor, device: torch.device) -> torch.dtype:
     """fp32 on the CPU under `auto`; on a GPU the fastest half type the architecture is known to tolerate."""
     if spec not in PRECISIONS:
-        raise UsageError(f"--precision '{spec}' is not one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"precision='{spec}' is not one of {', '.join(PRECISIONS)}")
     arch = descriptor.architecture.id
     if spec == "auto":
         if device.type == "cuda":
@@ -58,16 +66,16 @@ def choose_precision(spec: str, descriptor: ImageModelDescriptor, device: torch.
                 return torch.float16
         return torch.float32
     if spec == "fp16" and not descriptor.supports_half:
-        raise UsageError(f"{arch} does not run correctly in fp16; use --precision fp32 or auto")
+        raise UsageError(f"{arch} does not run correctly in fp16; use precision='fp32' or 'auto'")
     if spec == "bf16" and not descriptor.supports_bfloat16:
-        raise UsageError(f"{arch} does not run correctly in bf16; use --precision fp32 or auto")
+        raise UsageError(f"{arch} does not run correctly in bf16; use precision='fp32' or 'auto'")
     return _DTYPES[spec]
 
 
 def choose_layout(spec: str, descriptor: ImageModelDescriptor) -> bool:
     """True for channels_last: under `auto`, where measurement showed it faster for the architecture."""
     if spec not in LAYOUTS:
-        raise UsageError(f"--layout '{spec}' is not one of {', '.join(LAYOUTS)}")
+        raise UsageError(f"layout='{spec}' is not one of {', '.join(LAYOUTS)}")
     if spec == "auto":
         return tuning.channels_last(descriptor.architecture.id)
     return spec == "channels_last"
@@ -138,7 +146,7 @@ class Engine:
     def create(cls, descriptor: ImageModelDescriptor, *, device: str = "auto", precision: str = "auto",
                batch_size: int = 4, layout: str = "auto", compile: bool = False) -> "Engine":
         if batch_size < 1:
-            raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+            raise UsageError(f"batch_size={batch_size}: must be at least 1")
         dev = choose_device(device)
         dtype = choose_precision(precision, descriptor, dev)
         channels_last = choose_layout(layout, descriptor)
@@ -162,7 +170,7 @@ class Engine:
         try:
             return plan_tiles(height, width, tile, overlap, size_rule(self.descriptor))
         except ValueError as exc:
-            raise UsageError(f"--tile {tile} --overlap {overlap}: {exc}") from None
+            raise UsageError(f"tile={tile} overlap={overlap}: {exc}") from None
 
     def _forward(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         # Weights stay fp32 and half precision runs under autocast, which keeps the
@@ -221,12 +229,14 @@ class Engine:
     @torch.inference_mode()
     def restore(self, image: np.ndarray, *, tile: int = 0, overlap: int = 32,
                 window_fn: Callable[..., torch.Tensor] | None = None,
-                dtype: torch.dtype | None = None) -> np.ndarray:
+                dtype: torch.dtype | None = None,
+                on_tiles: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Restore one (3, H, W) float32 image in [0, 1]; returns (3, H, W) float32 in [0, 1].
 
         `window_fn` replaces blended tiling by an architecture's own published
         window protocol (called with the model call, the image and `tile`);
-        `dtype` overrides the engine's precision for this call.
+        `dtype` overrides the engine's precision for this call; `on_tiles(done, total)`
+        is called after each batch of tiles of a tiled image.
         """
         c, h, w = image.shape
         x = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
@@ -250,6 +260,8 @@ class Engine:
             for (i, win), out in zip(group, outputs):
                 weight = torch.from_numpy(plan.weight(i)).to(self.device)
                 result[:, win.y0:win.y1, win.x0:win.x1].addcmul_(out, weight)
+            if on_tiles is not None:
+                on_tiles(start + len(group), len(windows))
         return result[:, :h, :w].clamp_(0, 1).cpu().numpy()
 
 

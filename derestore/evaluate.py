@@ -173,15 +173,15 @@ def pair_paths(gt: Path, pred: Path, *, match: str | None = None) -> Pairing:
     """
     pattern = _compile(match)
     if not gt.exists():
-        raise UsageError(f"--gt {gt}: no such file or folder; give the ground-truth folder or image")
+        raise UsageError(f"gt={gt}: no such file or folder; give the ground-truth folder or image")
     if not pred.exists():
-        raise UsageError(f"--pred {pred}: no such file or folder; give the prediction folder or image")
+        raise UsageError(f"pred={pred}: no such file or folder; give the prediction folder or image")
     if gt.is_file() and pred.is_file():
         return Pairing([Pair(_key(pred.stem, pattern), gt, pred)])
     if gt.is_file():
-        raise UsageError(f"--gt {gt} is one image but --pred {pred} is a folder; give two folders or two images")
-    gt_index, gt_clash = _index(_images(gt, "--gt"), pattern)
-    pred_files = [pred] if pred.is_file() else _images(pred, "--pred")
+        raise UsageError(f"gt={gt} is one image but pred={pred} is a folder; give two folders or two images")
+    gt_index, gt_clash = _index(_images(gt, "gt"), pattern)
+    pred_files = [pred] if pred.is_file() else _images(pred, "pred")
     pred_index, pred_clash = _index(pred_files, pattern)
     names = sorted(gt_index.keys() & pred_index.keys(), key=_natural)
     # One prediction against a folder: the folder's other images are not missing anything.
@@ -201,7 +201,7 @@ def _compile(match: str | None) -> re.Pattern[str] | None:
     try:
         return re.compile(match)
     except re.error as exc:
-        raise UsageError(f"--match {match!r} is not a valid regular expression: {exc}") from None
+        raise UsageError(f"match={match!r} is not a valid regular expression: {exc}") from None
 
 
 def _key(stem: str, pattern: re.Pattern[str] | None) -> str:
@@ -219,7 +219,7 @@ def _key(stem: str, pattern: re.Pattern[str] | None) -> str:
 def _images(folder: Path, option: str) -> list[Path]:
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and imageio.is_image_path(p)]
     if not files:
-        raise UsageError(f"{option} {folder}: no images in this folder; point it at the folder that holds them")
+        raise UsageError(f"{option}={folder}: no images in this folder; point it at the folder that holds them")
     return files
 
 
@@ -230,7 +230,7 @@ def _index(files: Iterable[Path], pattern: re.Pattern[str] | None) -> tuple[dict
         groups.setdefault(_key(f.stem, pattern), []).append(f)
     index = {k: v[0] for k, v in groups.items() if len(v) == 1}
     clashes = [
-        f"{len(v)} files pair as {k!r}: {', '.join(str(p) for p in sorted(v))}; rename one or adjust --match"
+        f"{len(v)} files pair as {k!r}: {', '.join(str(p) for p in sorted(v))}; rename one or adjust match="
         for k, v in sorted(groups.items())
         if len(v) > 1
     ]

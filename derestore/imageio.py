@@ -143,7 +143,7 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     if max_pixels is not None and width * height > max_pixels:
         raise InputError(
             f"{path}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
-            f"{max_pixels:,} (decompression-bomb guard); raise --max-pixels if the image is genuine"
+            f"{max_pixels:,} (decompression-bomb guard); raise max_pixels= if the image is genuine"
         )
     try:
         image = _decode_tiff(path, pil, data) if fmt == "TIFF" else _decode(pil, data, fmt, orientation=None)

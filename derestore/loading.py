@@ -65,7 +65,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def read_checkpoint(path: Path) -> Any:
     """The raw object stored in a checkpoint file, without running any code in it."""
     if not path.is_file():
-        raise ModelUnavailable(f"checkpoint {path} does not exist; check the path given to --weights")
+        raise ModelUnavailable(f"checkpoint {path} does not exist; check the path given as weights=")
     if path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

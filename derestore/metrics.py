@@ -147,7 +147,7 @@ def _prepare(gt: np.ndarray, pred: np.ndarray, crop_border: int) -> tuple[np.nda
     if crop_border:
         if 2 * crop_border >= min(gt.shape[:2]):
             raise InputError(
-                f"crop border {crop_border} leaves nothing of a {_size(gt)} image; use a smaller --crop-border"
+                f"crop border {crop_border} leaves nothing of a {_size(gt)} image; use a smaller crop_border="
             )
         window = (slice(crop_border, -crop_border), slice(crop_border, -crop_border))
         gt, pred = gt[window], pred[window]
@@ -177,7 +177,7 @@ def _same_depth(gt: np.ndarray, pred: np.ndarray) -> None:
     if gt.dtype != pred.dtype:
         raise InputError(
             f"bit depths differ (ground truth {gt.dtype}, prediction {pred.dtype}); "
-            "save both at the same depth or use --protocol rcdnet, which scales each to [0, 1]"
+            "save both at the same depth or use protocol='rcdnet', which scales each to [0, 1]"
         )
 
 

@@ -8,6 +8,7 @@ whole files or none, and `skip_existing` can finish the job.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import sys
@@ -91,9 +92,9 @@ def read_list(list_file: str) -> list[str]:
     try:
         text = sys.stdin.read() if list_file == "-" else Path(list_file).read_text(encoding="utf-8")
     except OSError as exc:
-        raise UsageError(f"--from-list {list_file}: cannot read it ({exc.strerror or exc})") from None
+        raise UsageError(f"from_list={list_file}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
-        raise UsageError(f"--from-list {list_file}: not a UTF-8 text file with one path per line") from None
+        raise UsageError(f"from_list={list_file}: not a UTF-8 text file with one path per line") from None
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -145,7 +146,7 @@ def output_extension(source: Path, ext: str | None) -> str:
         return source.suffix.lower() if imageio.is_image_path(source) else ".png"
     key = ext.lower().lstrip(".")
     if key not in OUTPUT_FORMATS:
-        raise UsageError(f"--ext '{ext}' is not a supported format; use one of {', '.join(sorted(set(OUTPUT_FORMATS)))}")
+        raise UsageError(f"ext='{ext}' is not a supported format; use one of {', '.join(sorted(set(OUTPUT_FORMATS)))}")
     return OUTPUT_FORMATS[key]
 
 
@@ -173,12 +174,12 @@ def plan_jobs(sources: list[Source], output: Path, *, ext: str | None = None, su
         key = job.output.resolve()
         if key in inputs:
             raise UsageError(
-                f"output {job.output} would overwrite input {job.input}; choose another -o folder or a --suffix"
+                f"output {job.output} would overwrite input {job.input}; choose another output= folder or a suffix="
             )
         if key in seen:
             raise UsageError(
                 f"inputs {seen[key]} and {job.input} would both be written to {job.output}; "
-                "use --keep-tree to mirror the input folders, or rename one"
+                "use keep_tree=True to mirror the input folders, or rename one"
             )
         seen[key] = job.input
     return jobs
@@ -190,9 +191,9 @@ def parse_shard(text: str) -> tuple[int, int]:
         k_text, n_text = text.split("/")
         k, n = int(k_text), int(n_text)
     except ValueError:
-        raise UsageError(f"--shard '{text}' is not K/N (e.g. 0/4 for the first of four parts)") from None
+        raise UsageError(f"shard='{text}' is not K/N (e.g. 0/4 for the first of four parts)") from None
     if n < 1 or not 0 <= k < n:
-        raise UsageError(f"--shard {text}: K must be in 0…N-1 and N at least 1")
+        raise UsageError(f"shard='{text}': K must be in 0…N-1 and N at least 1")
     return k, n
 
 
@@ -253,7 +254,8 @@ class Prepared:
 
 
 Prepare = Callable[[imageio.Image], object]
-Restorer = Callable[[object], tuple[object, list[str]]]
+TileProgress = Callable[[int, int], None]  # (tiles done, tiles in all) of the image being restored
+Restorer = Callable[[object, TileProgress | None], tuple[object, list[str]]]
 Finish = Callable[[object, imageio.Image], imageio.Image]
 Scorer = Callable[[Job, imageio.Image], dict[str, object]]
 
@@ -285,13 +287,13 @@ class Step:
         image = imageio.read_image(job.input, max_pixels=self.max_pixels)
         return Prepared(image, self.prepare(image))
 
-    def compute(self, job: Job, prepared: Prepared, result: Result) -> object:
+    def compute(self, job: Job, prepared: Prepared, result: Result, on_tiles: TileProgress | None = None) -> object:
         """The model's output for `prepared`, its size and notes recorded in `result`."""
         result.width, result.height = prepared.image.width, prepared.image.height
         if prepared.image.frames > 1:
             result.notes.append(f"{job.input} has {prepared.image.frames} frames or pages; only the first "
                                 "was restored")
-        restored, notes = self.restore(prepared.payload)
+        restored, notes = self.restore(prepared.payload, on_tiles)
         result.notes.extend(notes)
         return restored
 
@@ -374,6 +376,8 @@ def run_jobs(
     readers: int = 2,
     writers: int = 2,
     read_timeout: float | None = READ_TIMEOUT,
+    on_start: Callable[[Job, Prepared], None] | None = None,
+    on_tiles: Callable[[Job, int, int], None] | None = None,
 ) -> Iterator[Result]:
     """Run `step` on every job on this machine, decoding ahead and encoding behind on worker threads
     while the model runs; yield results in input order.
@@ -389,6 +393,9 @@ def run_jobs(
     KeyboardInterrupt stop the run: the image in flight is abandoned, finished
     writes are completed (for at most WRITE_GRACE seconds) and reported, and the
     exception is re-raised.
+
+    `on_start(job, prepared)` is called as the model starts on an input and
+    `on_tiles(job, done, total)` as its tiles are done, both on the calling thread.
     """
     todo = []
     for job in jobs:
@@ -438,7 +445,10 @@ def run_jobs(
                 except FutureTimeout:
                     raise InputError(f"{job.input}: reading took longer than {read_timeout:g} s "
                                      "(a stalled network file system or device?); skipped") from None
-                restored = step.compute(job, loaded, result)
+                if on_start is not None:
+                    on_start(job, loaded)
+                tiles = None if on_tiles is None else functools.partial(on_tiles, job)
+                restored = step.compute(job, loaded, result, tiles)
                 write = _in_thread(step.write, job, result, restored, loaded.image, track=writes)
             except DeviceFailure as exc:
                 result.status, result.error = "failed", _failure(job, exc)

@@ -61,13 +61,13 @@ document.querySelectorAll("table.sortable th").forEach(function(th, col){
 
 def write_report(summary: Summary, path: Path, *, worst: int = 6) -> None:
     """Write the HTML report to `path`."""
-    check_output_path(path, "--report")
-    _write_atomically(path, render_report(summary, worst=worst), "--report")
+    check_output_path(path, "report")
+    _write_atomically(path, render_report(summary, worst=worst), "report")
 
 
 def write_csv(summary: Summary, path: Path) -> None:
     """Per-image rows; `inf` marks an identical pair, an empty cell a missing value."""
-    check_output_path(path, "--csv")
+    check_output_path(path, "csv")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["name", "gt", "pred", "psnr", "ssim", "identical", "error"])
@@ -80,7 +80,7 @@ def write_csv(summary: Summary, path: Path) -> None:
             "" if s is None else str(s.identical).lower(),
             r.error or "",
         ])
-    _write_atomically(path, buffer.getvalue(), "--csv")
+    _write_atomically(path, buffer.getvalue(), "csv")
 
 
 def check_output_path(path: Path, option: str, inputs: dict[Path, Path] | None = None) -> None:
@@ -88,14 +88,14 @@ def check_output_path(path: Path, option: str, inputs: dict[Path, Path] | None =
     (`inputs`: resolved path → the path as given), before any time is spent scoring."""
     given = (inputs or {}).get(path.resolve())
     if given is not None:
-        raise UsageError(f"{option} {path} would overwrite the image {given} being scored; give another file name")
+        raise UsageError(f"{option}={path} would overwrite the image {given} being scored; give another file name")
     folder = path.parent
     if path.is_dir():
-        raise UsageError(f"{option} {path} is a folder; give a file name")
+        raise UsageError(f"{option}={path} is a folder; give a file name")
     if not folder.is_dir():
-        raise UsageError(f"{option} {path}: folder {folder} does not exist; create it first")
+        raise UsageError(f"{option}={path}: folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: folder {folder} is not writable")
+        raise UsageError(f"{option}={path}: folder {folder} is not writable")
 
 
 def scored_images(*places: Path) -> dict[Path, Path]:
@@ -116,7 +116,7 @@ def _write_atomically(path: Path, text: str, option: str) -> None:
     try:
         atomic.write_text(path, text)
     except OSError as exc:
-        raise DerestoreError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
+        raise DerestoreError(f"{option}={path}: cannot write: {exc.strerror or exc}") from None
 
 
 def render_report(summary: Summary, *, worst: int = 6) -> str:

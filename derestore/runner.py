@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from . import __version__, imageio
 from .errors import DerestoreError, DeviceFailure, UsageError
-from .pipeline import Job, Result, check_output_locations, manifest_path, refuse_overwrites, write_manifest
+from .pipeline import (Job, Result, check_output_locations, manifest_path, refuse_overwrites,
+                       remove_stale_temp_files, run_jobs, write_manifest)
 
 if TYPE_CHECKING:
     from .api import GroundTruth, Model
@@ -33,9 +34,28 @@ class Planned:
 
 @dataclass(frozen=True)
 class Loaded:
-    """The model is ready on its device."""
+    """The model is ready; `where` says where it runs, in words (e.g. "cpu in fp32")."""
 
     model: Model
+    where: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """The model starts on one input (local runs: Ray workers do not report it)."""
+
+    job: Job
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """`done` of the `total` tiles of the input being restored are done (local runs)."""
+
+    job: Job
+    done: int
+    total: int
 
 
 @dataclass(frozen=True)
@@ -45,7 +65,7 @@ class Finished:
     result: Result
 
 
-Event = Union[Planned, Loaded, Finished]
+Event = Union[Planned, Loaded, Started, Tiles, Finished]
 
 
 @dataclass
@@ -61,6 +81,7 @@ class RunReport:
     stopped: str | None = None  # why the run stopped before the end (a device failure), if it did
     model: str | None = None
     threads: int | None = None
+    cluster: dict[str, object] | None = None  # the Ray cluster that ran it, if one did
     metrics: dict[str, object] | None = None
     notes: list[str] = field(default_factory=list)
     record: Path | None = None  # the run record, once written
@@ -110,62 +131,96 @@ def run(
     protocol: str = "restormer",
     crop_border: int = 0,
     threads: int | None = None,
+    ray: str | None = None,
+    ray_workers: int | None = None,
     on_event: Callable[[Event], None] | None = None,
     download_progress: Callable[[str, int, int | None], None] | None = None,
 ) -> RunReport:
     """Restore every input into `output` and write the run record; returns what happened.
 
-    `max_pixels` None means no limit. `threads` sets torch's CPU threads (None:
-    leave them as the process has them). `download_progress(name, done, total)` follows a
-    checkpoint's download (see `derestore.load`). An interrupt (KeyboardInterrupt) ends
-    the run cleanly: finished outputs are kept, the record says so, and the
-    report has `interrupted` set. Usage errors and an unavailable model raise
-    before anything is written.
+    The options are those of `plan`, `load`, `restore` and `GroundTruth.open`;
+    `max_pixels` 0 or None means no limit. `threads` sets torch's CPU threads
+    (None: leave them as the process has them). `ray` runs the images on a Ray
+    cluster ("local", "auto" or "ray://HOST:PORT"; see `derestore.ray`) with
+    `ray_workers` model replicas (default: one per GPU, or as many as its CPUs
+    allow). `on_event` receives the `Event`s as they happen;
+    `download_progress(name, done, total)` follows a checkpoint's download.
+
+    An interrupt (KeyboardInterrupt) ends the run cleanly: finished outputs are
+    kept, the record says so, and the report has `interrupted` set. Usage errors
+    and an unavailable model raise before anything is written.
     """
     from . import api
 
-    emit = on_event or (lambda event: None)
+    emit = on_event or _ignore
     started = time.perf_counter()
-    if max_pixels is not None and max_pixels < 1:
-        raise UsageError(f"max_pixels {max_pixels}: must be positive, or None for no limit")
     if threads is not None and threads < 1:
         raise UsageError(f"threads {threads}: must be at least 1")
+    if ray is not None:
+        from .ray import check_ray_options
+
+        check_ray_options(ray, ray_workers)
+    elif ray_workers is not None:
+        raise UsageError("ray_workers is only meaningful with a Ray address (ray='local', 'auto' or 'ray://…')")
     tile = api.check_tiling(tile, overlap, tiling)
-    api.check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size)
+    max_pixels = api.check_max_pixels(max_pixels)
+    # A Ray run's device is the workers', not this machine's: here only its spelling is checked.
+    api.check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size,
+                             local=ray is None)
     jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
                     from_list=from_list, shard=shard)
     truth = api.GroundTruth.open(gt, protocol, crop_border) if gt is not None else None
     if truth is None:
         api.check_protocol(protocol, crop_border)
-    if truth is not None:
+    else:
         refuse_overwrites(jobs, {truth.folder.resolve(): "the ground-truth folder"})
-    record_path = manifest_path(Path(output).expanduser(), shard)
-    check_output_locations(jobs, record_path)
+    record_path: Path | None = manifest_path(Path(output).expanduser(), shard)
+    check_output_locations(jobs, record_path)  # type: ignore[arg-type]
     emit(Planned(jobs))
 
     report = RunReport(total=len(jobs))
     loaded: Model | None = None
-    options = {"tile": tile, "overlap": overlap, "tiling": tiling, "batch_size": batch_size, "device": device,
-               "precision": precision, "layout": layout, "compile": compile, "ext": ext, "suffix": suffix,
-               "keep_tree": keep_tree, "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast,
-               "max_pixels": max_pixels}
+    load_options = {"task": task, "model": model, "weights": weights, "device": device, "precision": precision,
+                    "batch_size": batch_size, "layout": layout, "compile": compile}
+    step_options = {"tile": tile, "overlap": overlap, "tiling": tiling, "max_pixels": max_pixels}
+    options = {**load_options, **step_options, "ext": ext, "suffix": suffix, "keep_tree": keep_tree,
+               "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast}
+    for key in ("task", "model", "weights"):
+        options.pop(key)
     try:
         try:
             if threads is not None:
                 from .engine import set_cpu_threads
 
                 set_cpu_threads(threads)
-            loaded = api.load(task=task, model=model, weights=weights, device=device, precision=precision,
-                              batch_size=batch_size, layout=layout, compile=compile,
+            # On Ray the driver loads the model once on its CPU: it validates the checkpoint (and fetches
+            # it into this node's cache) before any worker starts.
+            loaded = api.load(**{**load_options, "device": "cpu" if ray else device},  # type: ignore[arg-type]
                               download_progress=download_progress)
         except DerestoreError:
             record_path = None  # nothing was done: no record
             raise
         report.model = loaded.name
-        emit(Loaded(loaded))
-        results = api.restore(jobs, model=loaded, tile=tile, overlap=overlap, tiling=tiling,
-                              max_pixels=max_pixels, skip_existing=skip_existing, fail_fast=fail_fast,
-                              score=truth)
+        remove_stale_temp_files(jobs)
+        if ray is None:
+            emit(Loaded(loaded, f"{loaded.engine.device} in {loaded.engine.precision}"))
+            results = run_jobs(jobs, loaded.step(**step_options, score=truth),  # type: ignore[arg-type]
+                               skip_existing=skip_existing, fail_fast=fail_fast,
+                               on_start=lambda job, prepared: emit(Started(job, prepared.image.width,
+                                                                           prepared.image.height)),
+                               on_tiles=lambda job, done, total: emit(Tiles(job, done, total)))
+        else:
+            from .ray import run_jobs_on_ray
+
+            def on_cluster(cluster: Any) -> None:
+                report.cluster = cluster.record()
+                emit(Loaded(loaded, f"Ray ({ray}): {cluster.workers} worker(s), {cluster.why}"))
+
+            gt_options = {"gt": None if truth is None else str(truth.folder), "protocol": protocol,
+                          "crop_border": crop_border}
+            results = run_jobs_on_ray(jobs, address=ray, workers=ray_workers, load=load_options,
+                                      step={**step_options, **gt_options}, skip_existing=skip_existing,
+                                      fail_fast=fail_fast, on_cluster=on_cluster)
         try:
             _consume(results, lambda result: _count(report, result, truth, emit))
         finally:
@@ -185,6 +240,10 @@ def run(
         if record_path is not None:
             _write_record(record_path, report, loaded, task, options)
     return report
+
+
+def _ignore(event: Event) -> None:
+    """No one listens to the run's events."""
 
 
 def _count(report: RunReport, result: Result, truth: GroundTruth | None, emit: Callable[[Event], None]) -> None:
@@ -218,7 +277,8 @@ def _write_record(path: Path, report: RunReport, model: Model | None, task: str 
     import torch
 
     report.threads = torch.get_num_threads()
-    engine = model.engine if model is not None else None
+    # A Ray run's engine here is the driver's CPU check; the workers' device is the one asked for.
+    engine = model.engine if model is not None and report.cluster is None else None
     data = {
         "version": __version__,
         "task": task,
@@ -226,9 +286,10 @@ def _write_record(path: Path, report: RunReport, model: Model | None, task: str 
         "arch": model.arch if model else None,
         "checkpoint": str(model.checkpoint) if model else None,
         "sha256": model.sha256 if model else None,
-        "device": str(engine.device) if engine else None,
-        "precision": engine.precision if engine else None,
+        "device": str(engine.device) if engine else options["device"],
+        "precision": engine.precision if engine else options["precision"],
         "threads": report.threads,
+        "ray": report.cluster,
         "options": {**options,
                     "tile": options["tile"] if options["tile"] is not None or model is None else model.tile,
                     "overlap": options["overlap"] if options["overlap"] is not None or model is None

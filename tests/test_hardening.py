@@ -312,7 +312,7 @@ def test_a_stalled_read_fails_that_input_after_the_time_bound(tmp_path, monkeypa
     monkeypatch.setattr(imageio, "read_image", stalls)
     jobs = [pipeline.Job(p, tmp_path / "out" / p.name) for p in imgs]
     started = time.monotonic()
-    results = list(pipeline.run_jobs(jobs, pipeline.Step(lambda image: (image, [])), read_timeout=0.5))
+    results = list(pipeline.run_jobs(jobs, pipeline.Step(lambda image, on_tiles: (image, [])), read_timeout=0.5))
     assert time.monotonic() - started < 10
     assert [r.status for r in results] == ["ok", "failed", "ok"]
     assert results[1].error == f"{imgs[1]}: reading took longer than 0.5 s (a stalled network file system or " \

@@ -426,7 +426,7 @@ def window_partition_inference(model_fn: Callable[[torch.Tensor], torch.Tensor],
     if height < win or width < win:
         raise InputError(
             f"image of {height}×{width} pixels is smaller than the {win}×{win} window of DeRestormer's "
-            "published protocol; use a smaller window (--tile) or the default blended tiling"
+            "published protocol; use a smaller window (tile=) or the default blended tiling"
         )
     h, w = win * (height // win), win * (width // win)
     groups = [_tiles(x[..., :h, :w], win)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,9 +40,35 @@ LABELS = {
 }
 
 
+# The library names options as keyword arguments (`tile=512`); the command line as flags.
+FLAGS = {
+    "batch_size": "--batch-size", "compile": "--compile", "crop_border": "--crop-border", "csv": "--csv",
+    "device": "--device", "ext": "--ext", "fail_fast": "--fail-fast", "from_list": "--from-list", "gt": "--gt",
+    "keep_tree": "--keep-tree", "layout": "--layout", "match": "--match", "max_pixels": "--max-pixels",
+    "model": "--model", "output": "-o", "overlap": "--overlap", "precision": "--precision", "pred": "--pred",
+    "protocol": "--protocol", "ray": "--ray", "ray_workers": "--ray-workers", "report": "--report",
+    "shard": "--shard", "skip_existing": "--skip-existing", "suffix": "--suffix", "tile": "--tile",
+    "tiling": "--tiling", "weights": "--weights", "workers": "--workers",
+}
+_KEYWORD = re.compile(r"(?<![\w.-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=(True\b)?(?=(.?))")
+
+
+def in_flag_terms(text: str) -> str:
+    """`tile=-3: …` → `--tile -3: …`, `keep_tree=True` → `--keep-tree`, `model= or weights=` → `--model or --weights`."""
+    def flag(match: re.Match[str]) -> str:
+        follows = match[3]
+        glue = "" if match[2] or not follows or follows in " ,;)" else " "
+        return FLAGS[match[1]] + glue
+
+    return _KEYWORD.sub(flag, text)
+
+
 def say(label: str | None, message: str, *, style: str | None = None) -> None:
-    """One line on stderr: an optional coloured label, then `message` as plain text (never markup)."""
-    text = escape(message)
+    """One line on stderr: an optional coloured label, then `message` as plain text (never markup).
+
+    Labelled lines (errors, failures, notes) come from the library: their option names
+    are given in flag terms."""
+    text = escape(in_flag_terms(message) if label else message)
     if style:
         text = f"[{style}]{text}[/]"
     console.print(f"{LABELS[label]} {text}" if label else text, soft_wrap=True, overflow="ignore", crop=False)

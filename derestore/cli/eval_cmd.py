@@ -10,7 +10,7 @@ import typer
 from .common import console, emit_json, exit_on_error, say
 
 if TYPE_CHECKING:
-    from ..evaluate import PairResult, Summary
+    from ..evaluate import PairResult, Pairing, Summary
 
 # Kept here, not imported from derestore.metrics, so that `derestore --help`
 # does not pay for numpy and OpenCV; tests check the names agree.
@@ -71,36 +71,26 @@ def _run(
     match: str | None,
     workers: int,
 ) -> Summary:
-    from ..errors import UsageError
-    from ..evaluate import evaluate, pair_paths
-    from ..metrics import PROTOCOLS
-    from ..report import check_output_path, scored_images, write_csv, write_report
-
-    if protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol {protocol!r} is unknown; choose one of: {', '.join(PROTOCOLS)}")
-    # Checked here, not by typer, for derestore's one-line errors.
-    for option, value in (("--crop-border", crop_border), ("--workers", workers)):
-        if value < 0:
-            raise UsageError(f"{option} {value}: must be 0 or more")
-    outputs = [(option, path) for option, path in (("--csv", csv_path), ("--report", report_path)) if path]
-    scored = scored_images(gt, pred) if outputs else {}
-    for option, path in outputs:
-        check_output_path(path, option, scored)
-    if len(outputs) == 2 and csv_path.resolve() == report_path.resolve():
-        raise UsageError(f"--csv and --report both name {csv_path}; give them different files")
-    pairing = pair_paths(gt, pred, match=match)
-    for path in pairing.unmatched_gt:
-        say("unmatched", f"no prediction for {path}")
-    for path in pairing.unmatched_pred:
-        say("unmatched", f"no ground truth for {path}")
-    for message in pairing.ambiguous:
-        say("ambiguous", message)
-
     from rich.progress import Progress
+
+    from .. import api
+    from ..errors import UsageError
+
+    if workers < 0:  # the library's None (one per core) is the command line's 0
+        raise UsageError(f"--workers {workers}: must be 0 (one per CPU core) or more")
 
     # Only on a terminal: logs and pipes get the results, not redraws.
     progress = Progress(console=console, transient=True, disable=not console.is_terminal)
-    task = progress.add_task("scoring", total=len(pairing.pairs))
+    task = progress.add_task("scoring", total=None)
+
+    def on_pairing(pairing: Pairing) -> None:
+        for path in pairing.unmatched_gt:
+            say("unmatched", f"no prediction for {path}")
+        for path in pairing.unmatched_pred:
+            say("unmatched", f"no ground truth for {path}")
+        for message in pairing.ambiguous:
+            say("ambiguous", message)
+        progress.update(task, total=len(pairing.pairs))
 
     def on_result(result: PairResult) -> None:
         progress.advance(task)
@@ -113,18 +103,16 @@ def _run(
             emit_json(result.record())
 
     with progress:
-        summary = evaluate(pairing, protocol=protocol, crop_border=crop_border, workers=workers or None,
-                           on_result=on_result)
+        summary = api.evaluate(gt, pred, protocol=protocol, crop_border=crop_border, csv=csv_path,
+                               report=report_path, match=match, workers=workers or None,
+                               on_pairing=on_pairing, on_result=on_result)
     for note in summary.warnings:
         say("warning", note)
     if json_out:
         emit_json(summary.record())
     else:
         _print_table(summary, per_image)
-    if csv_path is not None:
-        write_csv(summary, csv_path)
     if report_path is not None:
-        write_report(summary, report_path)
         say(None, f"report written to {report_path}")
     return summary
 

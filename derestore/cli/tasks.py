@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 
 from ..registry import TaskRecord
-from .common import emit_json, exit_on_error, say, show_library_logs
+from .common import exit_on_error, show_library_logs
+from .run_display import RunDisplay
 
 TILING_HELP = (
     "How large images are split. [bold]blend[/]: derestore's tiles with overlap context and "
@@ -23,65 +24,10 @@ TILE_HELP = (
 )
 
 
-class _Renderer:
-    """Draws a run's events: one line per image on stderr, or JSON records on stdout."""
-
-    def __init__(self, *, quiet: bool, json_out: bool) -> None:
-        self.quiet = quiet
-        self.json_out = json_out
-        self.model: Any = None
-
-    def __call__(self, event: Any) -> None:
-        from ..runner import Finished, Loaded
-
-        if isinstance(event, Loaded):
-            self.model = event.model
-            if not self.quiet:
-                say(None, f"model {event.model.name} ({event.model.arch}) on {event.model.engine.device} "
-                          f"in {event.model.engine.precision}")
-        elif isinstance(event, Finished):
-            self._result(event.result)
-
-    def _result(self, result: Any) -> None:
-        if result.status == "failed":
-            say("failed", result.error or str(result.input))
-        elif not self.quiet and not self.json_out:
-            verb = "skipped (exists)" if result.status == "skipped" else f"({result.seconds:.2f} s)"
-            if result.metrics and result.metrics.get("ssim") is not None:
-                psnr = result.metrics["psnr"]
-                verb += f"  PSNR {'inf' if psnr is None else f'{psnr:.2f}'} dB  SSIM {result.metrics['ssim']:.4f}"
-            say(None, f"{result.input} → {result.output} {verb}")
-        for note in result.notes:
-            say("note", note)
-        if self.json_out:
-            record = result.record()
-            record.update(model=self.model.name, sha256=self.model.sha256)
-            emit_json(record)
-
-    def summary(self, report: Any, output: Path, protocol: str) -> None:
-        for note in report.notes:
-            say("note", note)
-        metrics = report.metrics
-        if metrics and not self.quiet and metrics.get("count"):
-            psnr, ssim = metrics["mean"]["psnr"], metrics["mean"]["ssim"]
-            say(None, f"mean over {metrics['count']} ({protocol}): PSNR "
-                      f"{'inf' if psnr is None else f'{psnr:.4f}'} dB, SSIM {'n/a' if ssim is None else f'{ssim:.4f}'}")
-        if report.record_error:
-            say("error", report.record_error)
-        if report.stopped:
-            say("error", f"{report.stopped}; rerun with --skip-existing to finish")
-        if self.json_out:
-            summary = report.counts()
-            if metrics is not None:
-                summary["metrics"] = metrics
-            emit_json({"summary": summary})
-        if report.interrupted:
-            say("interrupted", f"{report.ok} done, {report.not_started} not started; "
-                               "rerun with --skip-existing to finish")
-        elif not self.quiet:
-            colour = "yellow" if report.failed or report.stopped else "green"
-            say(None, f"{report.ok} restored, {report.skipped} skipped, {report.failed} failed in "
-                      f"{report.seconds:.1f} s → {output}", style=colour)
+RAY_HELP = (
+    "Run on Ray (pip install 'derestore[ray]'): local (a Ray instance on this machine), auto (the cluster of "
+    "RAY_ADDRESS / `ray start`) or ray://HOST:PORT. One model replica per GPU; same outputs and run record."
+)
 
 
 def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callback
@@ -125,6 +71,11 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
         protocol: str = typer.Option("restormer", "--protocol",
                                      help="Metrics protocol for --gt: restormer, rcdnet, gopro or rgb (see `derestore eval --help`)."),
         crop_border: int = typer.Option(0, "--crop-border", help="Pixels cropped from each border before scoring (--gt)."),
+        ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP, show_default=False),
+        ray_workers: Optional[int] = typer.Option(None, "--ray-workers",
+                                                  help="Model replicas on a CPU-only Ray cluster (default: its CPUs / "
+                                                       "threads per replica; with GPUs: one per GPU).",
+                                                  show_default=False),
         json_out: bool = typer.Option(False, "--json", help="One JSON object per image on stdout, then a summary object."),
         quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
     ) -> None:
@@ -132,24 +83,19 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
         from ..engine import cpu_threads
         from .download_progress import download_progress
 
-        if max_pixels is not None and max_pixels < 0:
-            from ..errors import UsageError
-
-            with exit_on_error():
-                raise UsageError(f"--max-pixels {max_pixels}: must be 0 (no limit) or positive")
         show_library_logs(quiet)
-        render = _Renderer(quiet=quiet, json_out=json_out)
-        with exit_on_error(), download_progress() as progress:
+        display = RunDisplay(quiet=quiet, json_out=json_out)
+        with exit_on_error(), download_progress() as progress, display:
             report = api.run(
                 inputs or [], output, task=task.name, model=model, weights=weights, recursive=recursive,
                 from_list=from_list, keep_tree=keep_tree, ext=ext, suffix=suffix, tile=tile, overlap=overlap,
                 tiling=tiling, batch_size=batch_size, device=device, precision=precision, layout=layout,
                 compile=compile_model, skip_existing=skip_existing, shard=shard, fail_fast=fail_fast,
-                max_pixels=imageio.DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None),
-                gt=gt, protocol=protocol, crop_border=crop_border, threads=cpu_threads(), on_event=render,
-                download_progress=progress,
+                max_pixels=imageio.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                gt=gt, protocol=protocol, crop_border=crop_border, threads=cpu_threads(), ray=ray,
+                ray_workers=ray_workers, on_event=display, download_progress=progress,
             )
-        render.summary(report, output, protocol)
+        display.summary(report, output, protocol)
         raise typer.Exit(report.exit_code)
 
     command.__doc__ = (
