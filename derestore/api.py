@@ -124,6 +124,13 @@ class Model:
             self._said.add(key)
             notes.append(text)
 
+    def check_tiling(self, tile: int | str | None, overlap: int | None, tiling: str = "blend") -> None:
+        """Refuse, before any image, a tile and overlap that cannot be laid out with this model."""
+        tile = self.tile if tile is None else tile
+        if tiling == "blend" and isinstance(tile, int) and tile > 0:
+            side = 3 * tile  # large enough to need several tiles per axis
+            self.engine.plan(side, side, tile, self.overlap if overlap is None else overlap)
+
     def step(self, *, tile: int | str | None = None, overlap: int | None = None, tiling: str = "blend",
              max_pixels: int | None = imageio.DEFAULT_MAX_PIXELS, score: Scorer | None = None) -> Step:
         """What this model does to one input file (read, restore, write), for any executor."""

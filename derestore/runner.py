@@ -201,6 +201,11 @@ def run(
             record_path = None  # nothing was done: no record
             raise
         report.model = loaded.name
+        try:
+            loaded.check_tiling(tile, overlap, tiling)
+        except UsageError:
+            record_path = None  # refused before any image: no record
+            raise
         remove_stale_temp_files(jobs)
         if ray is None:
             emit(Loaded(loaded, f"{loaded.engine.device} in {loaded.engine.precision}"))
