@@ -399,6 +399,20 @@ class GroundTruth:
                              identical=bool(metrics["identical"])))
 
 
+def list_models(task: str | None = None, *, registry: Registry | None = None) -> list[dict[str, object]]:
+    """Every registered checkpoint (of `task`, if given) with its cache state, sorted by task and name;
+    `default` says whether it is its task's default."""
+    from . import hub
+
+    registry = registry or load_registry()
+    if task is not None:
+        registry.task(task)
+    records = sorted((r for r in registry.models.values() if task is None or r.task == task),
+                     key=lambda r: (r.task, r.name))
+    defaults = {task.default for task in registry.tasks.values()}
+    return [{**hub.describe(record), "default": record.name in defaults} for record in records]
+
+
 def evaluate(gt: str | Path, pred: str | Path, *, protocol: str = "restormer", crop_border: int = 0,
              csv: str | Path | None = None, report: str | Path | None = None, match: str | None = None,
              workers: int | None = None, on_pairing: Callable[[Pairing], None] | None = None,

@@ -264,6 +264,44 @@ def remove(record: ModelRecord) -> list[Path]:
     return removed
 
 
+def download_kind(record: ModelRecord) -> str:
+    """How a checkpoint reaches the cache: bundled, automatic, automatic (Google Drive), manual import
+    or import only."""
+    if record.bundled:
+        return "bundled"
+    if any(not s.startswith("gdrive:") for s in record.sources):
+        return "automatic"
+    if record.sources:
+        return "automatic (Google Drive)"
+    if record.manual_url:
+        return "manual import"
+    return "import only"
+
+
+def describe(record: ModelRecord) -> dict[str, Any]:
+    """The record and its cache state as plain data (what `derestore models --json` prints)."""
+    path = cached_path(record)
+    entry = cache_entry(record) if path else None
+    size = record.size or (entry.size if entry else None) or (path.stat().st_size if path and record.bundled else None)
+    return {
+        "task": record.task,
+        "name": record.name,
+        "arch": record.arch,
+        "dataset": record.dataset,
+        "cached": path is not None,
+        "path": str(path) if path else None,
+        "size": size,
+        "license": record.license,
+        "pinned": pinned(record),
+        "sha256": record.sha256 or (entry.sha256 if entry else None),
+        "download": download_kind(record),
+        "sources": list(record.sources),
+        "manual_url": record.manual_url,
+        "manual_code": record.manual_code,
+        "notes": record.notes,
+    }
+
+
 # ---------------------------------------------------------------- messages
 
 

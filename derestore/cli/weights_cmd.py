@@ -39,19 +39,6 @@ def _records(registry: Registry, names: list[str]) -> list[ModelRecord]:
     return [registry.model(name) for name in names]
 
 
-def download_kind(record: ModelRecord) -> str:
-    """How a checkpoint reaches the cache, in the words `derestore models` shows."""
-    if record.bundled:
-        return "bundled"
-    if any(not s.startswith("gdrive:") for s in record.sources):
-        return "automatic"
-    if record.sources:
-        return "automatic (Google Drive)"
-    if record.manual_url:
-        return "manual import"
-    return "import only"
-
-
 def _human(size: int | None) -> str:
     if not size:
         return "?"
@@ -60,32 +47,6 @@ def _human(size: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return "?"
-
-
-def _model_info(registry: Registry, record: ModelRecord) -> dict[str, Any]:
-    from .. import hub
-
-    path = hub.cached_path(record)
-    entry = hub.cache_entry(record) if path else None
-    task = registry.tasks.get(record.task)
-    return {
-        "task": record.task,
-        "name": record.name,
-        "arch": record.arch,
-        "dataset": record.dataset,
-        "default": bool(task and task.default == record.name),
-        "cached": path is not None,
-        "path": str(path) if path else None,
-        "size": record.size or (entry.size if entry else None) or (path.stat().st_size if path and record.bundled else None),
-        "license": record.license,
-        "pinned": hub.pinned(record),
-        "sha256": record.sha256 or (entry.sha256 if entry else None),
-        "download": download_kind(record),
-        "sources": list(record.sources),
-        "manual_url": record.manual_url,
-        "manual_code": record.manual_code,
-        "notes": record.notes,
-    }
 
 
 def models(
@@ -100,11 +61,10 @@ def models(
     the digest recorded at their first download.
     """
     with exit_on_error():
+        from .. import api
+
         registry = _registry()
-        if task is not None:
-            registry.task(task)
-        records = sorted(registry.models.values(), key=lambda r: (r.task, r.name))
-        infos = [_model_info(registry, r) for r in records if task is None or r.task == task]
+        infos = api.list_models(task, registry=registry)
         if json_out:
             for info in infos:
                 emit_json(info)
