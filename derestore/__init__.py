@@ -14,8 +14,10 @@ __all__ = ["load", "restore", "run", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "restore", "run"):
-        from . import api
+    if name in ("load", "restore", "run", "api"):
+        import importlib
 
-        return getattr(api, name)
+        # import_module, not `from . import api`: that would ask this very hook for `api` again.
+        api = importlib.import_module(".api", __name__)
+        return api if name == "api" else getattr(api, name)
     raise AttributeError(f"module 'derestore' has no attribute '{name}'")
