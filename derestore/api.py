@@ -21,13 +21,18 @@ from .errors import DeviceFailure, ModelUnavailable, UsageError
 from .pipeline import (Job, Result, Scorer, Step, TileProgress, discover, parse_shard, plan_jobs, read_list,
                        remove_stale_temp_files, run_jobs)
 from .pipeline import shard as pipeline_shard
+from .evaluate import evaluate_folders
+from .metrics import check_protocol
 from .registry import ModelRecord, Registry, load_registry
 from .runner import RunReport as RunReport
 from .runner import run as run
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .evaluate import PairResult, Pairing, RunningMeans, Summary
+    from .evaluate import RunningMeans
+
+# `derestore eval`'s library function.
+evaluate = evaluate_folders
 
 TILINGS = ("blend", "published")
 AUTO = "auto"
@@ -338,16 +343,6 @@ def check_max_pixels(max_pixels: int | None) -> int | None:
     return max_pixels or None
 
 
-def check_protocol(protocol: str, crop_border: int = 0) -> None:
-    """Refuse an unknown metrics protocol or a negative crop border."""
-    from .metrics import PROTOCOLS
-
-    if protocol not in PROTOCOLS:
-        raise UsageError(f"protocol='{protocol}' is not one of {', '.join(PROTOCOLS)}")
-    if crop_border < 0:
-        raise UsageError(f"crop_border={crop_border}: must not be negative")
-
-
 @dataclass
 class GroundTruth:
     """Scores each output as it is written against the same-stem file in a ground-truth folder."""
@@ -411,41 +406,3 @@ def list_models(task: str | None = None, *, registry: Registry | None = None) ->
                      key=lambda r: (r.task, r.name))
     defaults = {task.default for task in registry.tasks.values()}
     return [{**hub.describe(record), "default": record.name in defaults} for record in records]
-
-
-def evaluate(gt: str | Path, pred: str | Path, *, protocol: str = "restormer", crop_border: int = 0,
-             csv: str | Path | None = None, report: str | Path | None = None, match: str | None = None,
-             workers: int | None = None, on_pairing: Callable[[Pairing], None] | None = None,
-             on_result: Callable[[PairResult], None] | None = None) -> Summary:
-    """Score the predictions in `pred` against the ground truths in `gt` (folders, or two images) as
-    the papers' scripts do, and write the optional `csv` and HTML `report`.
-
-    Every option and output file is checked before any scoring; an output that would replace
-    one of the images being scored is refused. `on_pairing(pairing)` is told which files
-    paired (and which did not); `on_result(result)` receives each pair's scores as they come.
-    `workers`: pairs scored at once (None: one per CPU core).
-    """
-    from .evaluate import evaluate as score_pairs
-    from .evaluate import pair_paths
-    from .report import check_output_path, scored_images, write_csv, write_report
-
-    gt, pred = Path(gt).expanduser(), Path(pred).expanduser()
-    check_protocol(protocol, crop_border)
-    if workers is not None and workers < 1:
-        raise UsageError(f"workers={workers}: must be at least 1 (or None for one per CPU core)")
-    outputs = {option: Path(path).expanduser() for option, path in (("csv", csv), ("report", report)) if path}
-    scored = scored_images(gt, pred) if outputs else {}
-    for option, path in outputs.items():
-        check_output_path(path, option, scored)
-    if len(outputs) == 2 and outputs["csv"].resolve() == outputs["report"].resolve():
-        raise UsageError(f"csv= and report= both name {outputs['csv']}; give them different files")
-    pairing = pair_paths(gt, pred, match=match)
-    if on_pairing is not None:
-        on_pairing(pairing)
-    summary = score_pairs(pairing, protocol=protocol, crop_border=crop_border, workers=workers,
-                          on_result=on_result)
-    if "csv" in outputs:
-        write_csv(summary, outputs["csv"])
-    if "report" in outputs:
-        write_report(summary, outputs["report"])
-    return summary

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import imageio
 from .errors import InputError, UsageError
-from .metrics import Score, score
+from .metrics import Score, check_protocol, score
 
 
 @dataclass(frozen=True)
@@ -317,3 +317,39 @@ def score_output(pred: np.ndarray, gt_path: Path, *, protocol: str, crop_border:
 def _finite(value: float) -> float | None:
     """JSON has no inf/nan: an identical pair's PSNR and a missing SSIM become null."""
     return value if math.isfinite(value) else None
+
+
+def evaluate_folders(gt: str | Path, pred: str | Path, *, protocol: str = "restormer", crop_border: int = 0,
+                     csv: str | Path | None = None, report: str | Path | None = None, match: str | None = None,
+                     workers: int | None = None, on_pairing: Callable[[Pairing], None] | None = None,
+                     on_result: Callable[[PairResult], None] | None = None) -> Summary:
+    """Score the predictions in `pred` against the ground truths in `gt` (folders, or two images) as
+    the papers' scripts do, and write the optional `csv` and HTML `report`.
+
+    Every option and output file is checked before any scoring; an output that would replace
+    one of the images being scored is refused. `on_pairing(pairing)` is told which files
+    paired (and which did not); `on_result(result)` receives each pair's scores as they come.
+    `workers`: pairs scored at once (None: one per CPU core).
+    """
+    from .report import check_output_path, scored_images, write_csv, write_report
+
+    gt, pred = Path(gt).expanduser(), Path(pred).expanduser()
+    check_protocol(protocol, crop_border)
+    if workers is not None and workers < 1:
+        raise UsageError(f"workers={workers}: must be at least 1 (or None for one per CPU core)")
+    outputs = {option: Path(path).expanduser() for option, path in (("csv", csv), ("report", report)) if path}
+    scored = scored_images(gt, pred) if outputs else {}
+    for option, path in outputs.items():
+        check_output_path(path, option, scored)
+    if len(outputs) == 2 and outputs["csv"].resolve() == outputs["report"].resolve():
+        raise UsageError(f"csv= and report= both name {outputs['csv']}; give them different files")
+    pairing = pair_paths(gt, pred, match=match)
+    if on_pairing is not None:
+        on_pairing(pairing)
+    summary = evaluate(pairing, protocol=protocol, crop_border=crop_border, workers=workers,
+                          on_result=on_result)
+    if "csv" in outputs:
+        write_csv(summary, outputs["csv"])
+    if "report" in outputs:
+        write_report(summary, outputs["report"])
+    return summary

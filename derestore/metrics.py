@@ -73,6 +73,14 @@ _MIN_SSIM_SIDE = 2 * _RADIUS + 1
 _BAND_ROWS = 64  # SSIM map rows computed at once (the filter redoes 10 rows a band)
 
 
+def check_protocol(protocol: str, crop_border: int = 0) -> None:
+    """Refuse an unknown metrics protocol or a negative crop border."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"protocol='{protocol}' is not one of {', '.join(PROTOCOLS)}")
+    if crop_border < 0:
+        raise UsageError(f"crop_border={crop_border}: must not be negative")
+
+
 @dataclass(frozen=True)
 class Score:
     """One pair's result. `psnr` is +inf and `identical` True when the compared signals are equal."""
