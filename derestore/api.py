@@ -184,12 +184,14 @@ def _hint(registry: Registry, record: ModelRecord | None, arch: str, field_name:
 def load(*, task: str | None = None, model: str | None = None, weights: str | Path | None = None,
          device: str = "auto", precision: str = "auto", batch_size: int = 4, layout: str = "auto",
          compile: bool = False, offline: bool | None = None, registry: Registry | None = None,
-         download_progress: Callable[[str, int, int | None], None] | None = None) -> Model:
+         download_progress: Callable[[str, int, int | None], None] | None = None,
+         tune_kernels: bool = False) -> Model:
     """Resolve a task / registry name / checkpoint file to a ready-to-run model.
 
     Precedence: `weights` (a file), then `model` (a registry name), then the task's default.
     `layout`: auto | channels_last | contiguous; `compile`: run the network through torch.compile;
-    `download_progress(name, done, total)` is called while a checkpoint downloads. A
+    `download_progress(name, done, total)` is called while a checkpoint downloads;
+    `tune_kernels` lets cuDNN autotune (process-wide, see `Engine.create`). A
     ModelUnavailable raised for a registry model lists in `alternatives` the bundled models
     of the same task, which need no download.
     """
@@ -226,10 +228,17 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
 
         loaded = load_model(path, container=record.container, expected_arch=record.arch)
         name = record.name
-    from .engine import Engine
+    from .engine import Engine, choose_device
+    from .precision import half_types
 
+    # The precision probe's verdict is kept per checkpoint: hash the file only where a probe can run.
+    sha256 = record.sha256 if record is not None else None
+    if sha256 is None and (precision != "auto" or half_types(choose_device(device))):
+        from .loading import sha256_file
+
+        sha256 = sha256_file(path)
     engine = Engine.create(loaded.descriptor, device=device, precision=precision, batch_size=batch_size,
-                           layout=layout, compile=compile)
+                           layout=layout, compile=compile, tune_kernels=tune_kernels, checkpoint_sha256=sha256)
     return Model(
         name=name,
         engine=engine,
@@ -237,7 +246,7 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         record=record,
         tile=_hint(registry, record, loaded.arch, "tile", DEFAULT_TILE),
         overlap=_hint(registry, record, loaded.arch, "overlap", DEFAULT_OVERLAP),
-        _sha256=record.sha256 if record else None,
+        _sha256=sha256,
     )
 
 
@@ -396,7 +405,8 @@ class GroundTruth:
 
 def list_models(task: str | None = None, *, registry: Registry | None = None) -> list[dict[str, object]]:
     """Every registered checkpoint (of `task`, if given) with its cache state, sorted by task and name;
-    `default` says whether it is its task's default."""
+    `default` says whether it is its task's default, `precision` the verdicts of precision probes
+    run with it under this torch (device name → fp32/fp16/bf16)."""
     from . import hub
 
     registry = registry or load_registry()
@@ -404,5 +414,12 @@ def list_models(task: str | None = None, *, registry: Registry | None = None) ->
         registry.task(task)
     records = sorted((r for r in registry.models.values() if task is None or r.task == task),
                      key=lambda r: (r.task, r.name))
+    from .precision import cached_verdicts
+
     defaults = {task.default for task in registry.tasks.values()}
-    return [{**hub.describe(record), "default": record.name in defaults} for record in records]
+    infos = []
+    for record in records:
+        info = {**hub.describe(record), "default": record.name in defaults}
+        info["precision"] = {v.device: v.precision for v in cached_verdicts(str(info["sha256"] or ""))}
+        infos.append(info)
+    return infos

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from .tiling import SizeRule, TilePlan, fit_tile, plan_tiles, reflect_indices
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
 
+    from .precision import Verdict
+
+log = logging.getLogger(__name__)
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LAYOUTS = ("auto", "channels_last", "contiguous")
 # Share of the free memory `--tile auto` plans to use: allocator slack, fragmentation, the image itself.
@@ -25,24 +30,32 @@ AUTO_TILE_BUDGET = 0.6
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def mps_available() -> bool:
+    """Apple's Metal GPU, where this torch build has it."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def parse_device(spec: str) -> torch.device | None:
-    """`spec`'s device, checked for spelling only (None for `auto`): auto, cpu, cuda or cuda:N."""
+    """`spec`'s device, checked for spelling only (None for `auto`): auto, cpu, cuda, cuda:N or mps."""
     if spec == "auto":
         return None
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UsageError(f"device='{spec}' is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"device='{spec}' is not supported; use auto, cpu, cuda or cuda:N")
+        raise UsageError(f"device='{spec}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device='{spec}' is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
 def choose_device(spec: str = "auto") -> torch.device:
-    """`auto` → the first CUDA device when there is one, else the CPU; a named device must exist here."""
+    """`auto` → the first CUDA device, else Apple's MPS, else the CPU; a named device must exist here."""
     device = parse_device(spec)
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_available() else torch.device("cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"device='{spec}': no CUDA GPU is available here; use device='cpu'")
@@ -50,25 +63,19 @@ def choose_device(spec: str = "auto") -> torch.device:
             raise UsageError(
                 f"device='{spec}': only {torch.cuda.device_count()} CUDA device(s) present; use cuda:0…"
             )
+    if device.type == "mps" and not mps_available():
+        raise UsageError(f"device='{spec}': this machine or torch build has no MPS (Apple GPU); use device='cpu'")
     return device
 
 
-def choose_precision(spec: str, descriptor: ImageModelDescriptor, device: torch.device) -> torch.dtype:
-    """fp32 on the CPU under `auto`; on a GPU the fastest half type the architecture is known to tolerate."""
-    if spec not in PRECISIONS:
+def explicit_precision(spec: str, descriptor: ImageModelDescriptor) -> torch.dtype:
+    """The precision a user named; it runs as asked, with a warning where it is known to be inaccurate."""
+    if spec not in PRECISIONS or spec == "auto":
         raise UsageError(f"precision='{spec}' is not one of {', '.join(PRECISIONS)}")
-    arch = descriptor.architecture.id
-    if spec == "auto":
-        if device.type == "cuda":
-            if descriptor.supports_bfloat16:
-                return torch.bfloat16
-            if descriptor.supports_half:
-                return torch.float16
-        return torch.float32
-    if spec == "fp16" and not descriptor.supports_half:
-        raise UsageError(f"{arch} does not run correctly in fp16; use precision='fp32' or 'auto'")
-    if spec == "bf16" and not descriptor.supports_bfloat16:
-        raise UsageError(f"{arch} does not run correctly in bf16; use precision='fp32' or 'auto'")
+    flags = {"fp16": descriptor.supports_half, "bf16": descriptor.supports_bfloat16}
+    if spec in flags and not flags[spec]:
+        log.warning("%s is marked as not accurate in %s; running in it as asked (precision='auto' measures "
+                    "whether this checkpoint is)", descriptor.architecture.id, spec)
     return _DTYPES[spec]
 
 
@@ -82,18 +89,15 @@ def choose_layout(spec: str, descriptor: ImageModelDescriptor) -> bool:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes a forward pass may still take: free device memory plus the allocator's idle cache, or available RAM."""
+    """Bytes a forward pass may still take: free device memory plus the allocator's idle cache, or the
+    RAM this process may still use (its cgroup's limit included)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    from .memory import available_bytes
+
+    # MPS shares the system's memory.
+    return available_bytes()
 
 
 def cpu_threads() -> int:
@@ -140,27 +144,63 @@ class Engine:
     channels_last: bool = False
     compile_pending: bool = False
     compile_seconds: float | None = None
+    verdict: Verdict | None = None  # the precision probe's verdict for this checkpoint and device, when there is one
     _bytes_per_pixel: float | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, descriptor: ImageModelDescriptor, *, device: str = "auto", precision: str = "auto",
-               batch_size: int = 4, layout: str = "auto", compile: bool = False) -> "Engine":
+               batch_size: int = 4, layout: str = "auto", compile: bool = False,
+               tune_kernels: bool = False, checkpoint_sha256: str | None = None) -> "Engine":
+        """`precision="auto"`: fp32, or on a device with half types the one measured accurate for this
+        checkpoint (`derestore.precision`; the verdict is cached by `checkpoint_sha256`).
+        `tune_kernels`: let cuDNN pick the fastest kernels for each input shape — a process-wide
+        setting (`torch.backends.cudnn.benchmark`), so only when asked (the command line does)."""
+        from . import precision as measured
+
         if batch_size < 1:
             raise UsageError(f"batch_size={batch_size}: must be at least 1")
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision='{precision}' is not one of {', '.join(PRECISIONS)}")
         dev = choose_device(device)
-        dtype = choose_precision(precision, descriptor, dev)
+        dtype = torch.float32 if precision == "auto" else explicit_precision(precision, descriptor)
         channels_last = choose_layout(layout, descriptor)
-        if dev.type != "cpu":
+        if tune_kernels and dev.type == "cuda":
             # Tiles and same-size datasets repeat one shape, for which the tuned kernels pay off.
             torch.backends.cudnn.benchmark = True
+        if dev.type == "mps":
+            if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == "1":
+                log.info("operations torch lacks on MPS run on the CPU (PYTORCH_ENABLE_MPS_FALLBACK=1)")
+            else:
+                log.info("on MPS, operations torch lacks there fail; PYTORCH_ENABLE_MPS_FALLBACK=1 (set before "
+                         "torch is imported) runs them on the CPU instead")
         descriptor.to(dev)
         descriptor.eval()
         if channels_last:
             descriptor.model.to(memory_format=torch.channels_last)
         if compile:
             descriptor.model.compile()
-        return cls(descriptor=descriptor, device=dev, dtype=dtype, batch_size=batch_size,
-                   channels_last=channels_last, compile_pending=compile)
+        engine = cls(descriptor=descriptor, device=dev, dtype=dtype, batch_size=batch_size,
+                     channels_last=channels_last, compile_pending=compile)
+        if checkpoint_sha256 and (precision == "auto" and measured.half_types(dev) or precision != "auto"):
+            engine.verdict = engine._verdict(checkpoint_sha256, probe=precision == "auto")
+        if precision == "auto" and engine.verdict is not None:
+            engine.dtype = measured.dtype(engine.verdict.precision)
+        elif engine.verdict is not None and engine.verdict.accurate(precision) is False:
+            log.warning("%s was measured inaccurate for this checkpoint on %s (%s dB against fp32, below %g); "
+                        "running in it as asked", precision, engine.verdict.device,
+                        engine.verdict.measured[precision]["psnr"], measured.MIN_PSNR)
+        return engine
+
+    def _verdict(self, sha256: str, *, probe: bool) -> Verdict | None:
+        from . import precision as measured
+
+        if not probe:
+            return measured.cached(sha256, measured.device_name(self.device))
+
+        def restore(tile: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+            return self.restore(tile, tile=0, dtype=dtype)
+
+        return measured.decide(restore, self.device, sha256)
 
     @property
     def precision(self) -> str:

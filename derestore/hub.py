@@ -293,7 +293,9 @@ def describe(record: ModelRecord) -> dict[str, Any]:
         "size": size,
         "license": record.license,
         "pinned": pinned(record),
-        "sha256": record.sha256 or (entry.sha256 if entry else None),
+        # A bundled file is small: its digest is read, not recorded.
+        "sha256": record.sha256 or (entry.sha256 if entry else None)
+        or (sha256_file(path) if path and record.bundled else None),
         "download": download_kind(record),
         "sources": list(record.sources),
         "manual_url": record.manual_url,

@@ -50,10 +50,6 @@ SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
 # panoramas are let through by raising the limit (--max-pixels).
 DEFAULT_MAX_PIXELS: int = 16384 * 16384
 
-# derestore checks `max_pixels` itself, per call and from the header; Pillow's
-# process-wide guard would override a user's higher limit with its own
-# (~179 MP), so it is switched off here.
-PILImage.MAX_IMAGE_PIXELS = None
 
 _FORMAT_BY_EXTENSION = {
     ".png": "PNG",
@@ -167,7 +163,12 @@ def _frame_count(pil: PILImage.Image) -> int:
 def _open(path: Path, data: bytes) -> PILImage.Image:
     """Pillow's lazy open: format, size and metadata from the header, no pixels yet."""
     try:
-        return PILImage.open(io.BytesIO(data))
+        try:
+            return PILImage.open(io.BytesIO(data))
+        except PILImage.DecompressionBombError:
+            # Pillow's process-wide limit is the host's setting, not ours to change; derestore
+            # applies its own per call (max_pixels), so a picture it allows is opened here.
+            return _open_within_our_limit(data)
     except UnidentifiedImageError:
         if data[:4] in _TIFF_MAGIC:
             raise InputError(
@@ -179,6 +180,21 @@ def _open(path: Path, data: bytes) -> PILImage.Image:
         ) from None
     except Exception as exc:  # Pillow raises many types for a broken header
         raise InputError(f"{path}: corrupt or truncated image header ({_one_line(exc)})") from exc
+
+
+def _open_within_our_limit(data: bytes) -> PILImage.Image:
+    """What `PIL.Image.open` does, through the registered format plugins, without its pixel-count guard."""
+    PILImage.init()
+    prefix = data[:16]
+    for fmt in PILImage.ID:
+        factory, accept = PILImage.OPEN[fmt]
+        if accept is not None and not accept(prefix):
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # not this format after all
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
 
 
 def _decode_tiff(path: Path, pil: PILImage.Image, data: bytes) -> Image:

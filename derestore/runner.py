@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -131,6 +131,7 @@ def run(
     protocol: str = "restormer",
     crop_border: int = 0,
     threads: int | None = None,
+    tune_kernels: bool = False,
     ray: str | None = None,
     ray_workers: int | None = None,
     on_event: Callable[[Event], None] | None = None,
@@ -140,7 +141,11 @@ def run(
 
     The options are those of `plan`, `load`, `restore` and `GroundTruth.open`;
     `max_pixels` 0 or None means no limit. `threads` sets torch's CPU threads
-    (None: leave them as the process has them). `ray` runs the images on a Ray
+    (None: leave them as the process has them), `tune_kernels` lets cuDNN autotune
+    (both process-wide: only when asked). `precision="auto"` means fp32 for
+    `tiling="published"` and for scoring against `gt`, where numbers must be the
+    paper's; elsewhere the precision measured accurate for the checkpoint
+    (`derestore.precision`). `ray` runs the images on a Ray
     cluster ("local", "auto" or "ray://HOST:PORT"; see `derestore.ray`) with
     `ray_workers` model replicas (default: one per GPU, or as many as its CPUs
     allow). `on_event` receives the `Event`s as they happen;
@@ -180,8 +185,10 @@ def run(
 
     report = RunReport(total=len(jobs))
     loaded: Model | None = None
+    if precision == "auto" and (tiling == "published" or gt is not None):
+        precision = "fp32"  # reproducing or measuring a paper's numbers: no half-precision shortcut
     load_options = {"task": task, "model": model, "weights": weights, "device": device, "precision": precision,
-                    "batch_size": batch_size, "layout": layout, "compile": compile}
+                    "batch_size": batch_size, "layout": layout, "compile": compile, "tune_kernels": tune_kernels}
     step_options = {"tile": tile, "overlap": overlap, "tiling": tiling, "max_pixels": max_pixels}
     options = {**load_options, **step_options, "ext": ext, "suffix": suffix, "keep_tree": keep_tree,
                "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast}
@@ -293,6 +300,7 @@ def _write_record(path: Path, report: RunReport, model: Model | None, task: str 
         "sha256": model.sha256 if model else None,
         "device": str(engine.device) if engine else options["device"],
         "precision": engine.precision if engine else options["precision"],
+        "precision_probe": asdict(engine.verdict) if engine and engine.verdict else None,
         "threads": report.threads,
         "ray": report.cluster,
         "options": {**options,

@@ -74,6 +74,13 @@ def main() -> None:
     import signal
     import sys
 
+    # Application-wide settings, which the library leaves to its host: on Apple's GPU, operations
+    # torch lacks run on the CPU instead of failing (read when torch starts); derestore's own
+    # pixel limit (--max-pixels) replaces Pillow's decompression-bomb warning.
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     # A scheduler's SIGTERM (scancel, timeouts) stops the run like Ctrl-C, from the very start:
     # the image in flight is abandoned, finished outputs and the run record are kept.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

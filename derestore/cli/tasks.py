@@ -92,7 +92,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                 tiling=tiling, batch_size=batch_size, device=device, precision=precision, layout=layout,
                 compile=compile_model, skip_existing=skip_existing, shard=shard, fail_fast=fail_fast,
                 max_pixels=imageio.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-                gt=gt, protocol=protocol, crop_border=crop_border, threads=cpu_threads(), ray=ray,
+                gt=gt, protocol=protocol, crop_border=crop_border, threads=cpu_threads(), tune_kernels=True, ray=ray,
                 ray_workers=ray_workers, on_event=display, download_progress=progress,
             )
         display.summary(report, output, protocol)
