@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import math
+import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,27 @@ class Model:
     overlap: int
     _sha256: str | None = None
     _said: set[str] = field(default_factory=set)
+    replicas: list[Engine] = field(default_factory=list)  # one per device; the first is `engine`
+    _idle: queue.SimpleQueue[Engine] = field(default_factory=queue.SimpleQueue, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            self.replicas = [self.engine]
+        for replica in self.replicas:
+            self._idle.put(replica)
+
+    @property
+    def devices(self) -> str:
+        return ",".join(str(r.device) for r in self.replicas)
+
+    @contextlib.contextmanager
+    def _replica(self) -> Iterator[Engine]:
+        """An idle replica for one image; with several, images run on them side by side."""
+        engine = self._idle.get()
+        try:
+            yield engine
+        finally:
+            self._idle.put(engine)
 
     @property
     def arch(self) -> str:
@@ -76,41 +100,46 @@ class Model:
         size (down to MIN_TILE); a half-precision result that is NaN/Inf or
         black where the input is not is redone in fp32. Each is said once.
         """
+        with self._replica() as engine:
+            return self._restore_on(engine, image, tile, overlap, tiling, on_tiles)
+
+    def _restore_on(self, engine: Engine, image: np.ndarray, tile: int | str | None, overlap: int | None,
+                    tiling: str, on_tiles: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[str]]:
         import torch
 
         from .engine import is_device_failure, is_out_of_memory
 
         tile = self.tile if tile is None else tile
         if tile == AUTO:
-            tile = self.tile if tiling == "published" else self.engine.auto_tile(*image.shape[1:])
+            tile = self.tile if tiling == "published" else engine.auto_tile(*image.shape[1:])
         overlap = self.overlap if overlap is None else overlap
         notes: list[str] = []
         while True:
             try:
-                out = self._run(image, tile, overlap, tiling, None, on_tiles)
+                out = self._run(engine, image, tile, overlap, tiling, None, on_tiles)  # type: ignore[arg-type]
                 break
             except (RuntimeError, MemoryError) as exc:
                 if is_device_failure(exc):
-                    raise DeviceFailure(f"{self.engine.device} failed: {' '.join(str(exc).split())[:300]}; "
+                    raise DeviceFailure(f"{engine.device} failed: {' '.join(str(exc).split())[:300]}; "
                                         "the run stops here, finished outputs are kept") from exc
-                smaller = _halve_tile(tile, image.shape[1:], overlap)
+                smaller = _halve_tile(tile, image.shape[1:], overlap)  # type: ignore[arg-type]
                 if not is_out_of_memory(exc) or smaller is None:
                     raise
-                if self.engine.device.type == "cuda":
+                if engine.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self._say_once(notes, "oom", f"out of memory at tile {tile or 'whole image'}; "
                                              f"retrying with smaller tiles (first retry: {smaller})")
                 tile = smaller
-        if self.engine.compile_seconds is not None:
+        if engine.compile_seconds is not None:
             self._say_once(notes, "compile", f"torch.compile: the first forward pass took "
-                                             f"{self.engine.compile_seconds:.1f} s, compilation included")
-        if self.engine.dtype != torch.float32 and _broken(out, image):
-            out = self._run(image, tile, overlap, tiling, torch.float32, on_tiles)
-            self._say_once(notes, "half", f"{self.engine.precision} output was NaN/Inf or black; "
+                                             f"{engine.compile_seconds:.1f} s, compilation included")
+        if engine.dtype != torch.float32 and _broken(out, image):
+            out = self._run(engine, image, tile, overlap, tiling, torch.float32, on_tiles)  # type: ignore[arg-type]
+            self._say_once(notes, "half", f"{engine.precision} output was NaN/Inf or black; "
                                           "redone in fp32 (precision='fp32' skips the first attempt)")
         return out, notes
 
-    def _run(self, image: np.ndarray, tile: int, overlap: int, tiling: str, dtype: object,
+    def _run(self, engine: Engine, image: np.ndarray, tile: int, overlap: int, tiling: str, dtype: object,
              on_tiles: Callable[[int, int], None] | None = None) -> np.ndarray:
         if tiling not in TILINGS:
             raise UsageError(f"tiling='{tiling}' is not one of {', '.join(TILINGS)}")
@@ -119,10 +148,10 @@ class Model:
 
             window_fn = PUBLISHED_WINDOWS.get(self.arch)
             if window_fn is None:
-                return self.engine.restore(image, tile=0, dtype=dtype)
-            windows = functools.partial(window_fn, max_batch=self.engine.batch_size)
-            return self.engine.restore(image, tile=tile, window_fn=windows, dtype=dtype)
-        return self.engine.restore(image, tile=tile, overlap=overlap, dtype=dtype, on_tiles=on_tiles)
+                return engine.restore(image, tile=0, dtype=dtype)
+            windows = functools.partial(window_fn, max_batch=engine.batch_size)
+            return engine.restore(image, tile=tile, window_fn=windows, dtype=dtype)
+        return engine.restore(image, tile=tile, overlap=overlap, dtype=dtype, on_tiles=on_tiles)
 
     def _say_once(self, notes: list[str], key: str, text: str) -> None:
         if key not in self._said:
@@ -228,20 +257,25 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
 
         loaded = load_model(path, container=record.container, expected_arch=record.arch)
         name = record.name
-    from .engine import Engine, choose_device
+    from .engine import Engine, choose_device, parse_devices
     from .precision import half_types
 
+    devices = parse_devices(device)
     # The precision probe's verdict is kept per checkpoint: hash the file only where a probe can run.
     sha256 = record.sha256 if record is not None else None
-    if sha256 is None and (precision != "auto" or half_types(choose_device(device))):
+    if sha256 is None and (precision != "auto" or any(half_types(choose_device(d)) for d in devices)):
         from .loading import sha256_file
 
         sha256 = sha256_file(path)
-    engine = Engine.create(loaded.descriptor, device=device, precision=precision, batch_size=batch_size,
-                           layout=layout, compile=compile, tune_kernels=tune_kernels, checkpoint_sha256=sha256)
+    # One replica per device (e.g. per GPU), each with its own copy of the weights.
+    descriptors = [loaded.descriptor] + [copy.deepcopy(loaded.descriptor) for _ in devices[1:]]
+    replicas = [Engine.create(d, device=spec, precision=precision, batch_size=batch_size, layout=layout,
+                              compile=compile, tune_kernels=tune_kernels, checkpoint_sha256=sha256)
+                for d, spec in zip(descriptors, devices)]
     return Model(
         name=name,
-        engine=engine,
+        engine=replicas[0],
+        replicas=replicas,
         checkpoint=path,
         record=record,
         tile=_hint(registry, record, loaded.arch, "tile", DEFAULT_TILE),
@@ -266,12 +300,13 @@ def check_engine_options(*, device: str = "auto", precision: str = "auto", layou
 
     `local`: the device must exist here; otherwise (a cluster's workers) only its spelling is checked.
     """
-    from .engine import LAYOUTS, PRECISIONS, choose_device, parse_device
+    from .engine import LAYOUTS, PRECISIONS, choose_device, parse_device, parse_devices
 
-    if local:
-        choose_device(device)
-    else:
-        parse_device(device)
+    for one in parse_devices(device) if local else device.split(","):
+        if local:
+            choose_device(one)
+        else:
+            parse_device(one)
     if precision not in PRECISIONS:
         raise UsageError(f"precision='{precision}' is not one of {', '.join(PRECISIONS)}")
     if layout not in LAYOUTS:

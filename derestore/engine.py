@@ -49,6 +49,24 @@ def parse_device(spec: str) -> torch.device | None:
     return device
 
 
+def parse_devices(spec: str) -> list[str]:
+    """One device spec per model replica: `cuda:all` (every GPU), `cuda:0,1,3` or `cuda:0,cuda:2`
+    (bare numbers continue the device type before them), or a single device."""
+    if spec == "cuda:all":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError("device='cuda:all': no CUDA GPU is available here; use device='cpu'")
+        return [f"cuda:{i}" for i in range(count)]
+    devices: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if part.isdigit() and devices:
+            part = f"{devices[-1].split(':')[0]}:{part}"
+        devices.append(part)
+    if len(set(devices)) < len(devices) and any(d.startswith("cuda") for d in devices):
+        raise UsageError(f"device='{spec}' names a GPU twice; give each GPU once")
+    return devices
+
+
 def choose_device(spec: str = "auto") -> torch.device:
     """`auto` → the first CUDA device, else Apple's MPS, else the CPU; a named device must exist here."""
     device = parse_device(spec)

@@ -378,6 +378,7 @@ def run_jobs(
     read_timeout: float | None = READ_TIMEOUT,
     on_start: Callable[[Job, Prepared], None] | None = None,
     on_tiles: Callable[[Job, int, int], None] | None = None,
+    parallel: int = 1,
 ) -> Iterator[Result]:
     """Run `step` on every job on this machine, decoding ahead and encoding behind on worker threads
     while the model runs; yield results in input order.
@@ -395,7 +396,11 @@ def run_jobs(
     exception is re-raised.
 
     `on_start(job, prepared)` is called as the model starts on an input and
-    `on_tiles(job, done, total)` as its tiles are done, both on the calling thread.
+    `on_tiles(job, done, total)` as its tiles are done, on the thread that runs the model.
+
+    `parallel` > 1 (one per model replica, e.g. one per GPU): that many inputs
+    are restored at once, each on a thread of its own that also writes it;
+    `step` must then be safe to call from several threads (a replica pool).
     """
     todo = []
     for job in jobs:
@@ -405,9 +410,11 @@ def run_jobs(
             todo.append(job)
 
     reads: list[Future[Prepared]] = []
-    writes: list[Future[list[str]]] = []  # every write started, until the run ends
+    writes: list[Future[list[str]]] = []  # every write (or, in parallel, whole task) started, until the run ends
     pending: list[tuple[Result, Future[list[str]] | None]] = []
     next_read = 0
+    readers = max(readers, parallel + 1)  # every replica has an input ready when it is done
+    slots = threading.BoundedSemaphore(parallel)
 
     def top_up() -> None:
         nonlocal next_read
@@ -419,6 +426,7 @@ def run_jobs(
         deadline = None if grace is None else time.monotonic() + grace
         while pending and (block or len(pending) > writers or pending[0][1] is None or pending[0][1].done()):
             result, write = pending[0]  # popped once settled: an interrupt while waiting keeps it pending
+            failure = None
             if write is not None:
                 try:
                     wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -427,8 +435,32 @@ def run_jobs(
                     result.status, result.error = "failed", f"{result.output}: the write did not finish in time"
                 except Exception as exc:
                     result.status, result.error = "failed", _failure(Job(result.input, result.output), exc)
+                    failure = exc if isinstance(exc, DeviceFailure) else None
             pending.pop(0)
             yield result
+            if failure is not None:  # a replica's device failed: the run stops here
+                raise failure
+
+    def compute(job: Job, read: Future[Prepared], result: Result) -> tuple[object, imageio.Image]:
+        try:
+            loaded = read.result(timeout=read_timeout)
+        except FutureTimeout:
+            raise InputError(f"{job.input}: reading took longer than {read_timeout:g} s "
+                             "(a stalled network file system or device?); skipped") from None
+        if on_start is not None:
+            on_start(job, loaded)
+        tiles = None if on_tiles is None else functools.partial(on_tiles, job)
+        return step.compute(job, loaded, result, tiles), loaded.image
+
+    def compute_and_write(job: Job, read: Future[Prepared], result: Result) -> list[str]:
+        """One input on a replica's own thread (several replicas: one queue of inputs, results in order)."""
+        started = time.perf_counter()
+        try:
+            restored, image = compute(job, read, result)
+            return step.write(job, result, restored, image)
+        finally:
+            result.seconds = time.perf_counter() - started
+            slots.release()
 
     stopping = False
     try:
@@ -439,25 +471,21 @@ def run_jobs(
             top_up()
             result = Result(job.input, job.output, "ok")
             write = None
-            try:
+            if parallel > 1:
+                slots.acquire()
+                pending.append((result, _in_thread(compute_and_write, job, read, result, track=writes)))
+            else:
                 try:
-                    loaded = read.result(timeout=read_timeout)
-                except FutureTimeout:
-                    raise InputError(f"{job.input}: reading took longer than {read_timeout:g} s "
-                                     "(a stalled network file system or device?); skipped") from None
-                if on_start is not None:
-                    on_start(job, loaded)
-                tiles = None if on_tiles is None else functools.partial(on_tiles, job)
-                restored = step.compute(job, loaded, result, tiles)
-                write = _in_thread(step.write, job, result, restored, loaded.image, track=writes)
-            except DeviceFailure as exc:
-                result.status, result.error = "failed", _failure(job, exc)
-                pending.append((result, None))
-                raise
-            except Exception as exc:
-                result.status, result.error = "failed", _failure(job, exc)
-            result.seconds = time.perf_counter() - started
-            pending.append((result, write))
+                    restored, image = compute(job, read, result)
+                    write = _in_thread(step.write, job, result, restored, image, track=writes)
+                except DeviceFailure as exc:
+                    result.status, result.error = "failed", _failure(job, exc)
+                    pending.append((result, None))
+                    raise
+                except Exception as exc:
+                    result.status, result.error = "failed", _failure(job, exc)
+                result.seconds = time.perf_counter() - started
+                pending.append((result, write))
             if fail_fast and result.status == "failed":
                 break
             for done in finished(block=False):

@@ -215,12 +215,13 @@ def run(
             raise
         remove_stale_temp_files(jobs)
         if ray is None:
-            emit(Loaded(loaded, f"{loaded.engine.device} in {loaded.engine.precision}"))
+            emit(Loaded(loaded, f"{loaded.devices} in {loaded.engine.precision}"))
             results = run_jobs(jobs, loaded.step(**step_options, score=truth),  # type: ignore[arg-type]
                                skip_existing=skip_existing, fail_fast=fail_fast,
                                on_start=lambda job, prepared: emit(Started(job, prepared.image.width,
                                                                            prepared.image.height)),
-                               on_tiles=lambda job, done, total: emit(Tiles(job, done, total)))
+                               on_tiles=lambda job, done, total: emit(Tiles(job, done, total)),
+                               parallel=len(loaded.replicas))
         else:
             from .ray import run_jobs_on_ray
 
@@ -298,7 +299,7 @@ def _write_record(path: Path, report: RunReport, model: Model | None, task: str 
         "arch": model.arch if model else None,
         "checkpoint": str(model.checkpoint) if model else None,
         "sha256": model.sha256 if model else None,
-        "device": str(engine.device) if engine else options["device"],
+        "device": model.devices if model and engine else options["device"],
         "precision": engine.precision if engine else options["precision"],
         "precision_probe": asdict(engine.verdict) if engine and engine.verdict else None,
         "threads": report.threads,

@@ -253,3 +253,38 @@ def test_auto_tile_under_a_real_cgroup_memory_limit(tmp_path):
     assert 0 < free < 768 << 20  # the cgroup's headroom, not the host's gigabytes
     assert tile == fit_tile(8000, 6000, bpp, AUTO_TILE_BUDGET * free, 4) < model.engine.auto_tile(8000, 6000)
     assert free_memory(model.engine.device) > 2 * (768 << 20)
+
+
+# ---------------------------------------------------------------- several replicas (one per GPU)
+
+
+def test_device_lists_name_one_replica_each(monkeypatch):
+    assert engine.parse_devices("cuda:0,1,3") == ["cuda:0", "cuda:1", "cuda:3"]
+    assert engine.parse_devices("cuda:0,cuda:2") == ["cuda:0", "cuda:2"]
+    assert engine.parse_devices("cpu") == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert engine.parse_devices("cuda:all") == ["cuda:0", "cuda:1", "cuda:2"]
+    with pytest.raises(UsageError, match="names a GPU twice"):
+        engine.parse_devices("cuda:1,1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        engine.parse_devices("cuda:all")
+
+
+def test_two_replicas_on_one_queue_write_what_one_writes(tmp_path):
+    import cv2
+
+    ckpt = save_checkpoint(tmp_path / "d.pth", dncnn_state(nb=4))
+    write_images(tmp_path / "in", 7, size=40)
+    events = []
+    one = derestore.run([str(tmp_path / "in")], tmp_path / "one", weights=ckpt, device="cpu")
+    two = derestore.run([str(tmp_path / "in")], tmp_path / "two", weights=ckpt, device="cpu,cpu",
+                        on_event=events.append)
+    assert one.ok == two.ok == 7 and two.exit_code == 0
+    assert events[1].where == "cpu,cpu in fp32" and len(events[1].model.replicas) == 2
+    for path in sorted((tmp_path / "one").glob("*.png")):
+        assert (cv2.imread(str(path)) == cv2.imread(str(tmp_path / "two" / path.name))).all()
+    finished = [e.result.input.name for e in events if type(e).__name__ == "Finished"]
+    assert finished == sorted(finished)  # reported in input order whichever replica finished first
+    assert json.loads(two.record.read_text())["device"] == "cpu,cpu"
