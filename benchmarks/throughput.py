@@ -116,6 +116,36 @@ class PeakRSS:
         self.peak = max(self.peak, self.now())
 
 
+class DeviceBusy:
+    """Samples the GPU's utilisation (NVML, through torch) on a thread; `mean` is the share of samples
+    in which a kernel was running, in percent — how busy the device was over the wall time."""
+
+    def __init__(self, device: torch.device, interval: float = 0.02) -> None:
+        self.device, self.interval, self.samples, self._stop = device, interval, [], threading.Event()
+
+    def __enter__(self) -> "DeviceBusy":
+        if self.device.type == "cuda":
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.samples.append(torch.cuda.utilization(self.device))
+            except Exception:  # no NVML bindings: nothing to report
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.device.type == "cuda":
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
 def run_baseline(files: list[Path], out: Path, descriptor, device: torch.device) -> None:
     """The published protocol: sequential, batch 1, fp32, whole image padded to the multiple."""
     from derestore.archs import PUBLISHED_WINDOWS
@@ -164,8 +194,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import derestore
-    from derestore.engine import choose_device
+    from derestore.engine import choose_device, cpu_threads, set_cpu_threads
     from derestore.loading import load_model
+
+    set_cpu_threads(cpu_threads())  # as the command line does; the library leaves threads to its host
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     device = choose_device(args.device)
@@ -185,20 +217,20 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            with PeakRSS() as rss:
+            with PeakRSS() as rss, DeviceBusy(device) as busy_a:
                 t0 = time.perf_counter()
                 run_baseline(files, root / "a", descriptor, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 ta = time.perf_counter() - t0
             report["baseline"] = {"seconds": round(ta, 3), "mpix_per_s": round(mpix / ta, 3),
-                                  "peak_rss_mb": round(rss.peak / 2**20),
+                                  "peak_rss_mb": round(rss.peak / 2**20), "device_busy_pct": busy_a.mean,
                                   "peak_device_mb": round(torch.cuda.max_memory_allocated() / 2**20)
                                   if device.type == "cuda" else None}
             del descriptor
 
         model = derestore.load(weights=ckpt, device=args.device, precision=args.precision, batch_size=args.batch,
-                              layout=args.layout)
+                               layout=args.layout, tune_kernels=True)
         tile = derestore.api.parse_tile(args.tile)
         rss_model = PeakRSS.now()  # the model is loaded; what follows is the pipeline's own memory
         (root / "b").mkdir()
@@ -208,7 +240,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as rss:
+        with PeakRSS() as rss, DeviceBusy(device) as busy_b:
             t0 = time.perf_counter()
             results = list(derestore.restore([str(root / "in")], root / "b", model=model, tile=tile,
                                              overlap=args.overlap, tiling=args.tiling))
@@ -219,7 +251,9 @@ def main() -> None:
         report["derestore"] = {"seconds": round(tb, 3), "mpix_per_s": round(mpix / tb, 3),
                                "peak_rss_mb": round(rss.peak / 2**20),
                                "peak_rss_beyond_model_mb": round((rss.peak - rss_model) / 2**20),
+                               "device_busy_pct": busy_b.mean,
                                "precision": model.engine.precision, "channels_last": model.engine.channels_last,
+                               "precision_probe": model.engine.verdict.__dict__ if model.engine.verdict else None,
                                "tile": args.tile, "batch": args.batch,
                                "peak_device_mb": round(torch.cuda.max_memory_allocated() / 2**20)
                                if device.type == "cuda" else None}
