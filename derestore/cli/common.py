@@ -48,7 +48,9 @@ FLAGS = {
     "model": "--model", "output": "-o", "overlap": "--overlap", "precision": "--precision", "pred": "--pred",
     "protocol": "--protocol", "ray": "--ray", "ray_workers": "--ray-workers", "report": "--report",
     "shard": "--shard", "skip_existing": "--skip-existing", "suffix": "--suffix", "tile": "--tile",
-    "tiling": "--tiling", "weights": "--weights", "workers": "--workers",
+    "tiling": "--tiling", "weights": "--weights", "workers": "--workers", "video_codec": "--video-codec",
+    "crf": "--crf", "bitrate": "--bitrate", "frames_dir": "--frames-dir", "temporal": "--temporal",
+    "seed": "--seed", "resamples": "--resamples",
 }
 _KEYWORD = re.compile(r"(?<![\w.-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=(True\b)?(?=(.?))")
 
