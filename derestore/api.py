@@ -120,8 +120,7 @@ class Model:
                 break
             except (RuntimeError, MemoryError) as exc:
                 if is_device_failure(exc):
-                    raise DeviceFailure(f"{engine.device} failed: {' '.join(str(exc).split())[:300]}; "
-                                        "the run stops here, finished outputs are kept") from exc
+                    raise _device_failed(engine, exc) from exc
                 smaller = _halve_tile(tile, image.shape[1:], overlap)  # type: ignore[arg-type]
                 if not is_out_of_memory(exc) or smaller is None:
                     raise
@@ -158,6 +157,41 @@ class Model:
             self._said.add(key)
             notes.append(text)
 
+    def restore_frames(self, frames: list[np.ndarray], *, tile: int | str | None = None, overlap: int | None = None,
+                       tiling: str = "blend") -> tuple[list[np.ndarray], list[str]]:
+        """Restore (H, W, 3) uint8 RGB frames of one size; frames that need no tiles share forward passes."""
+        images = [imageio.Image(pixels=frame, alpha=None, format="PNG") for frame in frames]
+        arrays = [imageio.to_float(image) for image in images]
+        notes: list[str] = []
+        with self._replica() as engine:
+            height, width = arrays[0].shape[1:]
+            size = self.tile if tile is None else tile
+            if size == AUTO:
+                size = engine.auto_tile(height, width)
+            whole = tiling == "blend" and not engine.plan(height, width, size,  # type: ignore[arg-type]
+                                                          self.overlap if overlap is None else overlap).tiled
+            outs = self._batched(engine, arrays) if whole and len(arrays) > 1 else None
+            if outs is None:
+                outs = []
+                for array in arrays:
+                    out, said = self._restore_on(engine, array, size, overlap, tiling, None)
+                    outs.append(out)
+                    notes += said
+        return [imageio.from_float(out, image).pixels for out, image in zip(outs, images)], notes
+
+    def _batched(self, engine: Engine, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Several whole frames per forward pass; None (restore them one by one, with the out-of-memory
+        and half-precision fallbacks) when that fails or a half-precision result is broken."""
+        from .engine import is_device_failure
+
+        try:
+            outs = engine.restore_batch(arrays)
+        except (RuntimeError, MemoryError) as exc:
+            if is_device_failure(exc):
+                raise _device_failed(engine, exc) from exc
+            return None
+        return None if any(_broken(out, array) for out, array in zip(outs, arrays)) else outs
+
     def check_tiling(self, tile: int | str | None, overlap: int | None, tiling: str = "blend") -> None:
         """Refuse, before any image, a tile and overlap that cannot be laid out with this model."""
         tile = self.tile if tile is None else tile
@@ -181,6 +215,11 @@ class Model:
 
 
 MIN_TILE = 64
+
+
+def _device_failed(engine: Engine, exc: BaseException) -> DeviceFailure:
+    return DeviceFailure(f"{engine.device} failed: {' '.join(str(exc).split())[:300]}; "
+                         "the run stops here, finished outputs are kept")
 
 
 def _halve_tile(tile: int, shape: tuple[int, ...], overlap: int) -> int | None:
@@ -317,10 +356,12 @@ def check_engine_options(*, device: str = "auto", precision: str = "auto", layou
 
 def plan(inputs: list[str] | str, output: str | Path, *, recursive: bool = False, ext: str | None = None,
          suffix: str = "", keep_tree: bool = False, from_list: str | None = None,
-         shard: str | None = None) -> list[Job]:
-    """Find the inputs and name their outputs; every usage error surfaces here, before a model is loaded.
+         shard: str | None = None, frames_dir: bool = False) -> list[Job]:
+    """Find the inputs (images and video clips) and name their outputs; every usage error surfaces here,
+    before a model is loaded.
 
-    `from_list` names a file of paths (`-` = stdin); `shard` = "K/N" keeps the K-th of N parts.
+    `from_list` names a file of paths (`-` = stdin); `shard` = "K/N" keeps the K-th of N parts;
+    `frames_dir`: a clip's output is a folder of numbered PNG frames.
     """
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -329,7 +370,8 @@ def plan(inputs: list[str] | str, output: str | Path, *, recursive: bool = False
         raise UsageError("no inputs: name image files, folders or globs, or a list file (from_list=FILE)")
     part = parse_shard(shard) if shard else None
     sources = discover(inputs, recursive=recursive, listed=listed)
-    jobs = plan_jobs(sources, Path(output).expanduser(), ext=ext, suffix=suffix, keep_tree=keep_tree)
+    jobs = plan_jobs(sources, Path(output).expanduser(), ext=ext, suffix=suffix, keep_tree=keep_tree,
+                     frames_dir=frames_dir)
     return pipeline_shard(jobs, *part) if part else jobs
 
 

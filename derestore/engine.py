@@ -285,6 +285,22 @@ class Engine:
         return fit_tile(height, width, self.bytes_per_pixel(), budget, self.batch_size, size_rule(self.descriptor))
 
     @torch.inference_mode()
+    def restore_batch(self, images: list[np.ndarray], dtype: torch.dtype | None = None) -> list[np.ndarray]:
+        """Restore several (3, H, W) float32 images of one size whole, `batch_size` per forward pass
+        (video frames small enough to need no tiles)."""
+        c, h, w = images[0].shape
+        plan = self.plan(h, w, 0, 0)
+        outs: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            x = torch.from_numpy(np.stack(images[start:start + self.batch_size]))
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            padded = reflect_pad(x, plan.padded_height, plan.padded_width)
+            y = self._forward(padded, dtype)[:, :, :h, :w].clamp_(0, 1).cpu().numpy()
+            outs.extend(y)
+        return outs
+
+    @torch.inference_mode()
     def restore(self, image: np.ndarray, *, tile: int = 0, overlap: int = 32,
                 window_fn: Callable[..., torch.Tensor] | None = None,
                 dtype: torch.dtype | None = None,

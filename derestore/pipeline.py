@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from . import atomic, imageio, jsontext
+from . import atomic, imageio, jsontext, video
 from .errors import DerestoreError, DeviceFailure, InputError, UsageError
 
 T = TypeVar("T")
@@ -46,6 +46,7 @@ class Source:
 class Job:
     input: Path
     output: Path
+    video: bool = False  # a clip: restored frame by frame (derestore.video), not read as an image
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Result:
     height: int | None = None
     notes: list[str] = field(default_factory=list)
     metrics: dict[str, object] | None = None
+    clip: dict[str, object] | None = None  # a video's frames, fps and duration
 
     def record(self) -> dict[str, object]:
         data: dict[str, object] = {
@@ -70,6 +72,8 @@ class Result:
             "width": self.width,
             "height": self.height,
         }
+        if self.clip is not None:
+            data.update(self.clip)
         if self.notes:
             data["notes"] = list(self.notes)
         if self.metrics is not None:
@@ -81,10 +85,15 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
+def _wanted(path: Path) -> bool:
+    """An image or video file by its extension, and not a temporary file of ours."""
+    return (imageio.is_image_path(path) or video.is_video_path(path)) and not atomic.is_temp_file(path)
+
+
 def _folder_images(folder: Path, recursive: bool) -> list[Path]:
-    """Entries with an image extension; those that are not regular files are kept, to be reported."""
+    """Entries with an image or video extension; those that are not regular files are kept, to be reported."""
     pattern = "**/*" if recursive else "*"
-    return [p for p in folder.glob(pattern) if imageio.is_image_path(p) and not atomic.is_temp_file(p)]
+    return [p for p in folder.glob(pattern) if _wanted(p)]
 
 
 def read_list(list_file: str) -> list[str]:
@@ -122,7 +131,7 @@ def discover(inputs: Iterable[str], *, recursive: bool = False, listed: Iterable
             add(path, None)
         elif _is_glob(text):
             matches = [Path(m) for m in glob.glob(os.path.expanduser(text), recursive=recursive)]
-            files = [m for m in matches if imageio.is_image_path(m) and not atomic.is_temp_file(m)]
+            files = [m for m in matches if _wanted(m)]
             if not files:
                 raise UsageError(f"pattern '{text}' matches no image files; check the pattern or quote it")
             for m in files:
@@ -150,24 +159,35 @@ def output_extension(source: Path, ext: str | None) -> str:
     return OUTPUT_FORMATS[key]
 
 
+def is_clip(path: Path) -> bool:
+    """A video clip, judged by its extension, else by its content (a clip needs no .mp4 to be one)."""
+    if imageio.is_image_path(path):
+        return False
+    return video.is_video_path(path) or video.container_of(path) is not None
+
+
 def plan_jobs(sources: list[Source], output: Path, *, ext: str | None = None, suffix: str = "",
-              keep_tree: bool = False) -> list[Job]:
+              keep_tree: bool = False, frames_dir: bool = False) -> list[Job]:
     """Map inputs to outputs: `OUT/<stem><suffix>.<ext>` (`OUT/<sub/folders>/…` with `keep_tree`),
-    or OUT itself for one input and an image file name.
+    or OUT itself for one input and a file name of its kind. A clip keeps its container (`ext` is for
+    images), or becomes the folder `OUT/<stem><suffix>/` of its frames with `frames_dir`.
 
     Name collisions and outputs that would overwrite an input are refused before any work starts.
     """
     if ext is not None:
         output_extension(sources[0].path, ext)  # validate early
-    single_file = len(sources) == 1 and not output.is_dir() and imageio.is_image_path(output)
     jobs = []
     for src in sources:
-        if single_file:
+        clip = is_clip(src.path)
+        folder = output / src.rel.parent if keep_tree else output
+        if len(sources) == 1 and not output.is_dir() and (
+                video.is_video_path(output) and not frames_dir if clip else imageio.is_image_path(output)):
             target = output
+        elif clip:
+            target = video.output_path(src.path, folder, f"{src.path.stem}{suffix}", frames_dir=frames_dir)
         else:
-            name = f"{src.path.stem}{suffix}{output_extension(src.path, ext)}"
-            target = output / src.rel.parent / name if keep_tree else output / name
-        jobs.append(Job(src.path, target))
+            target = folder / f"{src.path.stem}{suffix}{output_extension(src.path, ext)}"
+        jobs.append(Job(src.path, target, video=clip))
     seen: dict[Path, Path] = {}
     inputs = {s.path.resolve() for s in sources}
     for job in jobs:
@@ -506,6 +526,40 @@ def run_jobs(
         for future in reads:
             future.cancel()
         _settle(writes, WRITE_GRACE if stopping else None)
+
+
+def run_clip(job: Job, restore: video.Restore, options: video.VideoOptions, *, skip_existing: bool = False,
+             fingerprint: dict[str, object] | None = None,
+             on_start: Callable[[Job, int, int], None] | None = None,
+             on_frames: Callable[[Job, int, int | None], None] | None = None) -> Result:
+    """One clip, frame by frame, through `restore`: its result, `failed` with the reason if anything
+    went wrong. With `skip_existing` a finished output is skipped and an interrupted one resumed.
+    Only DeviceFailure and KeyboardInterrupt escape."""
+    if skip_existing and already_done(job):
+        return Result(job.input, job.output, "skipped")
+    started = time.perf_counter()
+    result = Result(job.input, job.output, "ok")
+
+    def probed(report: video.ClipReport) -> None:
+        result.width, result.height = report.width, report.height
+        if on_start is not None:
+            on_start(job, report.width or 0, report.height or 0)
+
+    try:
+        report = video.restore_clip(job.input, job.output, restore, options, resume=skip_existing,
+                                    fingerprint=fingerprint, on_probe=probed,
+                                    on_frames=None if on_frames is None else functools.partial(on_frames, job))
+        result.clip = {"frames": report.frames, "fps": None if report.fps is None else round(report.fps, 4),
+                       "duration": report.duration}
+        result.notes += report.notes
+        if report.resumed_from:
+            result.notes.append(f"{job.input}: resumed after frame {report.resumed_from} of an earlier run")
+    except DeviceFailure:
+        raise
+    except Exception as exc:
+        result.status, result.error = "failed", _failure(job, exc)
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def manifest_path(output: Path, shard_spec: str | None) -> Path:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Union
 from . import __version__, imageio
 from .errors import DerestoreError, DeviceFailure, UsageError
 from .pipeline import (Job, Result, check_output_locations, manifest_path, refuse_overwrites,
-                       remove_stale_temp_files, run_jobs, write_manifest)
+                       remove_stale_temp_files, run_clip, run_jobs, write_manifest)
+from .video import VideoOptions
 
 if TYPE_CHECKING:
     from .api import GroundTruth, Model
@@ -59,13 +60,22 @@ class Tiles:
 
 
 @dataclass(frozen=True)
+class Frames:
+    """`done` of the `total` frames of a clip are done (`total` None when its container does not say)."""
+
+    job: Job
+    done: int
+    total: int | None
+
+
+@dataclass(frozen=True)
 class Finished:
     """One input is done: restored, skipped or failed."""
 
     result: Result
 
 
-Event = Union[Planned, Loaded, Started, Tiles, Finished]
+Event = Union[Planned, Loaded, Started, Tiles, Frames, Finished]
 
 
 @dataclass
@@ -132,6 +142,11 @@ def run(
     crop_border: int = 0,
     threads: int | None = None,
     tune_kernels: bool = False,
+    video_codec: str | None = None,
+    crf: int | None = None,
+    bitrate: str | None = None,
+    frames_dir: bool = False,
+    temporal: bool = False,
     ray: str | None = None,
     ray_workers: int | None = None,
     on_event: Callable[[Event], None] | None = None,
@@ -145,7 +160,10 @@ def run(
     (both process-wide: only when asked). `precision="auto"` means fp32 for
     `tiling="published"` and for scoring against `gt`, where numbers must be the
     paper's; elsewhere the precision measured accurate for the checkpoint
-    (`derestore.precision`). `ray` runs the images on a Ray
+    (`derestore.precision`). Video clips among the inputs are restored frame by
+    frame (`derestore.video`): `video_codec`, `crf` or `bitrate` for the output,
+    `frames_dir` for numbered PNG frames instead, `temporal` to smooth flicker;
+    `skip_existing` resumes an interrupted clip. `ray` runs the images on a Ray
     cluster ("local", "auto" or "ray://HOST:PORT"; see `derestore.ray`) with
     `ray_workers` model replicas (default: one per GPU, or as many as its CPUs
     allow). `on_event` receives the `Event`s as they happen;
@@ -173,7 +191,13 @@ def run(
     api.check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size,
                              local=ray is None)
     jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
-                    from_list=from_list, shard=shard)
+                    from_list=from_list, shard=shard, frames_dir=frames_dir)
+    clip_options = VideoOptions(codec=video_codec, crf=crf, bitrate=bitrate, frames_dir=frames_dir,
+                                temporal=temporal, batch=batch_size)
+    if any(job.video for job in jobs):
+        if ray is not None:
+            raise UsageError("video clips are restored on this machine only; run them without ray=")
+        clip_options.check()
     truth = api.GroundTruth.open(gt, protocol, crop_border) if gt is not None else None
     if truth is None:
         api.check_protocol(protocol, crop_border)
@@ -191,7 +215,8 @@ def run(
                     "batch_size": batch_size, "layout": layout, "compile": compile, "tune_kernels": tune_kernels}
     step_options = {"tile": tile, "overlap": overlap, "tiling": tiling, "max_pixels": max_pixels}
     options = {**load_options, **step_options, "ext": ext, "suffix": suffix, "keep_tree": keep_tree,
-               "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast}
+               "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast,
+               "video": asdict(clip_options)}
     for key in ("task", "model", "weights"):
         options.pop(key)
     try:
@@ -216,12 +241,7 @@ def run(
         remove_stale_temp_files(jobs)
         if ray is None:
             emit(Loaded(loaded, f"{loaded.devices} in {loaded.engine.precision}"))
-            results = run_jobs(jobs, loaded.step(**step_options, score=truth),  # type: ignore[arg-type]
-                               skip_existing=skip_existing, fail_fast=fail_fast,
-                               on_start=lambda job, prepared: emit(Started(job, prepared.image.width,
-                                                                           prepared.image.height)),
-                               on_tiles=lambda job, done, total: emit(Tiles(job, done, total)),
-                               parallel=len(loaded.replicas))
+            results = _local(jobs, loaded, step_options, truth, clip_options, skip_existing, fail_fast, emit)
         else:
             from .ray import run_jobs_on_ray
 
@@ -257,6 +277,52 @@ def run(
 
 def _ignore(event: Event) -> None:
     """No one listens to the run's events."""
+
+
+def _local(jobs: list[Job], model: Model, step_options: dict[str, Any], truth: GroundTruth | None,
+           clip_options: VideoOptions, skip_existing: bool, fail_fast: bool,
+           emit: Callable[[Event], None]) -> Iterator[Result]:
+    """This machine's executor, in input order: runs of images through the threaded pipeline, each
+    clip frame by frame."""
+    step = model.step(**step_options, score=truth)
+
+    def restore_frames(frames: list[Any]) -> list[Any]:
+        restored, _ = model.restore_frames(frames, tile=step_options["tile"], overlap=step_options["overlap"],
+                                           tiling=step_options["tiling"])
+        return restored
+
+    fingerprint = {"sha256": model.sha256, **{k: step_options[k] for k in ("tile", "overlap", "tiling")},
+                   "precision": model.engine.precision}
+    for group in _runs_of_a_kind(jobs):
+        if group[0].video:
+            results: Iterator[Result] = (
+                run_clip(job, restore_frames, clip_options, skip_existing=skip_existing, fingerprint=fingerprint,
+                         on_start=lambda job, width, height: emit(Started(job, width, height)),
+                         on_frames=lambda job, done, total: emit(Frames(job, done, total)))
+                for job in group)
+        else:
+            results = run_jobs(group, step, skip_existing=skip_existing, fail_fast=fail_fast,
+                               on_start=lambda job, prepared: emit(Started(job, prepared.image.width,
+                                                                           prepared.image.height)),
+                               on_tiles=lambda job, done, total: emit(Tiles(job, done, total)),
+                               parallel=len(model.replicas))
+        for result in results:
+            yield result
+            if fail_fast and result.status == "failed":
+                return
+
+
+def _runs_of_a_kind(jobs: list[Job]) -> Iterator[list[Job]]:
+    """Consecutive images together (they share the threaded pipeline), clips one by one."""
+    group: list[Job] = []
+    for job in jobs:
+        if job.video or (group and group[0].video):
+            if group:
+                yield group
+            group = []
+        group.append(job)
+    if group:
+        yield group
 
 
 def _count(report: RunReport, result: Result, truth: GroundTruth | None, emit: Callable[[Event], None]) -> None:

@@ -48,7 +48,7 @@ class RunDisplay:
             self.progress = None
 
     def __call__(self, event: Event) -> None:
-        from ..runner import Finished, Loaded, Planned, Started, Tiles
+        from ..runner import Finished, Frames, Loaded, Planned, Started, Tiles
 
         if isinstance(event, Planned):
             self._start(len(event.jobs))
@@ -62,6 +62,8 @@ class RunDisplay:
             self._image_started(event.job.input.name, event.width, event.height)
         elif isinstance(event, Tiles):
             self._tiles(event.job.input.name, event.done, event.total)
+        elif isinstance(event, Frames):
+            self._frames(event.done, event.total)
         elif isinstance(event, Finished):
             self._finished(event.result)
 
@@ -97,6 +99,10 @@ class RunDisplay:
             return
         self.progress.update(self.tiles, completed=done, total=total)
 
+    def _frames(self, done: int, total: int | None) -> None:
+        if self.progress is not None and self.tiles is not None:
+            self.progress.update(self.tiles, completed=done, total=total, extra="frames")
+
     def _drop_tiles(self) -> None:
         if self.progress is not None and self.tiles is not None:
             self.progress.remove_task(self.tiles)
@@ -107,7 +113,8 @@ class RunDisplay:
             return
         self._drop_tiles()
         if result.status == "ok" and result.width and result.height:
-            self.megapixels += result.width * result.height / 1e6
+            frames = int(result.clip["frames"]) if result.clip else 1  # type: ignore[call-overload]
+            self.megapixels += result.width * result.height * frames / 1e6
         self.failed += result.status == "failed"
         elapsed = self.progress.tasks[self.images].elapsed or 0.0
         rate = f"{self.megapixels / elapsed:.2f} MP/s" if elapsed > 0 and self.megapixels else ""

@@ -32,7 +32,7 @@ RAY_HELP = (
 
 def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callback
     def command(
-        inputs: Optional[List[str]] = typer.Argument(None, help="Image files, folders or glob patterns (quote globs).",
+        inputs: Optional[List[str]] = typer.Argument(None, help="Image or video files, folders or glob patterns (quote globs).",
                                                      show_default=False),
         output: Path = typer.Option(Path("restored"), "-o", "--output",
                                     help="Output folder (created), or a file name when there is one input. Example: -o out/"),
@@ -57,7 +57,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                                    help="auto | channels_last | contiguous memory layout. auto: channels_last where it measured faster for the architecture."),
         compile_model: bool = typer.Option(False, "--compile",
                                            help="Run the network through torch.compile: slow first image (the cost is printed), faster after; pays off on long batches of one size."),
-        ext: Optional[str] = typer.Option(None, "--ext", help="Output format (png, jpg, webp, tif, bmp). Default: the input's format."),
+        ext: Optional[str] = typer.Option(None, "--ext", help="Output format of images (png, jpg, webp, tif, bmp). Default: the input's format; clips keep their container."),
         suffix: str = typer.Option("", "--suffix", help="Appended to each output's stem. Example: --suffix _derained"),
         skip_existing: bool = typer.Option(False, "--skip-existing",
                                            help="Skip inputs whose output already exists (resume an interrupted batch)."),
@@ -71,6 +71,19 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
         protocol: str = typer.Option("restormer", "--protocol",
                                      help="Metrics protocol for --gt: restormer, rcdnet, gopro or rgb (see `derestore eval --help`)."),
         crop_border: int = typer.Option(0, "--crop-border", help="Pixels cropped from each border before scoring (--gt)."),
+        video_codec: Optional[str] = typer.Option(None, "--video-codec",
+                                                  help="Encoder of restored clips (libx264, libx265, libvpx-vp9, ffv1…). "
+                                                       "Default: H.264 (VP9 for .webm).", show_default=False),
+        crf: Optional[int] = typer.Option(None, "--crf", help="Constant quality of restored clips (lower is better; "
+                                                               "default near visually lossless: x264 18, VP9 24).",
+                                          show_default=False),
+        bitrate: Optional[str] = typer.Option(None, "--bitrate", help="Target bitrate of restored clips instead of "
+                                                                      "--crf. Example: --bitrate 8M", show_default=False),
+        frames_dir: bool = typer.Option(False, "--frames-dir",
+                                        help="Write each clip as a folder of numbered PNG frames (OUT/<clip>/000001.png…) "
+                                             "instead of a video."),
+        temporal: bool = typer.Option(False, "--temporal",
+                                      help="Smooth frame-to-frame flicker of restored clips where the input stands still."),
         ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP, show_default=False),
         ray_workers: Optional[int] = typer.Option(None, "--ray-workers",
                                                   help="Model replicas on a CPU-only Ray cluster (default: its CPUs / "
@@ -92,7 +105,8 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                 tiling=tiling, batch_size=batch_size, device=device, precision=precision, layout=layout,
                 compile=compile_model, skip_existing=skip_existing, shard=shard, fail_fast=fail_fast,
                 max_pixels=imageio.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-                gt=gt, protocol=protocol, crop_border=crop_border, threads=cpu_threads(), tune_kernels=True, ray=ray,
+                gt=gt, protocol=protocol, crop_border=crop_border, threads=cpu_threads(), tune_kernels=True, video_codec=video_codec, crf=crf, bitrate=bitrate,
+                frames_dir=frames_dir, temporal=temporal, ray=ray,
                 ray_workers=ray_workers, on_event=display, download_progress=progress,
             )
         display.summary(report, output, protocol)
