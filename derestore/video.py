@@ -22,6 +22,7 @@ caller's `restore` function. It imports PyAV only when a clip is processed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
@@ -254,7 +255,7 @@ def _note(notes: list[str], text: str) -> None:
 
 
 def _encode_part(fh: IO[bytes], muxer: str, source: _Source, codec: str, options: VideoOptions,
-                 frames: list[tuple[int, np.ndarray]], notes: list[str]) -> None:
+                 frames: Iterator[tuple[int, np.ndarray]], notes: list[str]) -> None:
     import av
 
     with av.open(fh, "w", format=muxer) as container:
@@ -408,66 +409,77 @@ def restore_clip(src: Path, dst: Path, restore: Restore, options: VideoOptions =
 def _run(frames_q: queue.Queue[Any], restore: Restore, options: VideoOptions, source: _Source, codec: str,
          muxer: str | None, dst: Path, parts_dir: Path | None, per_part: int, smoother: _Smoother | None,
          report: ClipReport, on_frames: Callable[[int, int | None], None] | None) -> int:
-    """Restore the decoded frames batch by batch; finalise each segment (or frame file) as it fills.
-    Returns the number of frames."""
-    batch: list[tuple[int, int, np.ndarray]] = []  # (index, pts, RGB) waiting for the model
-    segment: list[tuple[int, np.ndarray]] = []  # (pts, restored RGB) of the segment being filled
+    """Restore the decoded frames batch by batch, straight into the segment being encoded (or into frame
+    files), so that only a few frames are in memory however long the clip. Returns the number of frames."""
+    count = 0
 
-    def done_before(index: int) -> bool:
-        """Finished by an earlier run: its segment (or frame file) is complete."""
-        if parts_dir is None:
-            return (dst / _frame_name(index)).is_file()
-        return (parts_dir / _part_name(index // per_part, muxer)).is_file()
+    def decoded() -> Iterator[tuple[int, int, np.ndarray]]:
+        nonlocal count
+        while True:
+            item = frames_q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                if isinstance(item, (InputError, UsageError)):
+                    raise item
+                raise InputError(f"cannot decode frame {count + 1}: {' '.join(str(item).split())}") from item
+            pts, rgb = item
+            yield count, pts, rgb
+            count += 1
+            if on_frames is not None:
+                on_frames(count, source.frames)
 
-    def restore_batch() -> None:
-        if not batch:
-            return
-        restored = restore([rgb for _, _, rgb in batch])
-        for (index, pts, rgb_in), rgb_out in zip(batch, restored):
-            if smoother is not None:
-                rgb_out = smoother(rgb_in, rgb_out)
-            if parts_dir is None:
-                _write_frame(dst / _frame_name(index), rgb_out)
-            else:
-                segment.append((pts, rgb_out))
-        batch.clear()
+    def restored(items: Iterator[tuple[int, int, np.ndarray]]) -> Iterator[tuple[int, int, np.ndarray]]:
+        batch: list[tuple[int, int, np.ndarray]] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == options.batch:
+                yield from _through(batch, restore, smoother)
+                batch = []
+        yield from _through(batch, restore, smoother)
 
-    def finish_segment(number: int) -> None:
-        restore_batch()
-        if segment:
-            part = parts_dir / _part_name(number, muxer)  # type: ignore[operator]
-            atomic.write(part, lambda fh: _encode_part(fh, muxer, source, codec, options,  # type: ignore[arg-type]
-                                                       segment, report.notes))
-            segment.clear()
+    def skipped(index: int) -> None:
+        report.resumed_from = index + 1
+        if smoother is not None:
+            smoother.forget()
 
-    index = 0
-    while True:
-        item = frames_q.get()
-        if item is None:
-            break
-        if isinstance(item, BaseException):
-            if isinstance(item, (InputError, UsageError)):
-                raise item
-            raise InputError(f"cannot decode frame {index + 1}: {' '.join(str(item).split())}") from item
-        pts, rgb = item
-        if done_before(index):
-            report.resumed_from = index + 1
-            if smoother is not None:
-                smoother.forget()
-        else:
-            batch.append((index, pts, rgb))
-            if len(batch) >= options.batch:
-                restore_batch()
-        index += 1
-        if parts_dir is not None and index % per_part == 0:
-            finish_segment(index // per_part - 1)
-        if on_frames is not None:
-            on_frames(index, source.frames)
     if parts_dir is None:
-        restore_batch()
-    else:
-        finish_segment((index - 1) // per_part)
-    return index
+        todo = []
+        for index, pts, rgb in decoded():
+            if (dst / _frame_name(index)).is_file():  # written by an earlier run
+                skipped(index)
+                continue
+            todo.append((index, pts, rgb))
+            if len(todo) == options.batch:
+                _write_frames(dst, restored(iter(todo)))
+                todo = []
+        _write_frames(dst, restored(iter(todo)))
+        return count
+    for number, items in itertools.groupby(decoded(), key=lambda item: item[0] // per_part):
+        part = parts_dir / _part_name(number, muxer)
+        if part.is_file():  # finalised by an earlier run: decoded past, not restored again
+            last = None
+            for last in items:
+                pass
+            if last is not None:
+                skipped(last[0])
+            continue
+        atomic.write(part, lambda fh: _encode_part(fh, muxer, source, codec, options,  # type: ignore[arg-type]
+                                                   ((pts, rgb) for _, pts, rgb in restored(items)), report.notes))
+    return count
+
+
+def _through(batch: list[tuple[int, int, np.ndarray]], restore: Restore,
+             smoother: _Smoother | None) -> Iterator[tuple[int, int, np.ndarray]]:
+    if not batch:
+        return
+    for (index, pts, rgb_in), rgb_out in zip(batch, restore([rgb for _, _, rgb in batch])):
+        yield index, pts, (smoother(rgb_in, rgb_out) if smoother is not None else rgb_out)
+
+
+def _write_frames(folder: Path, frames: Iterator[tuple[int, int, np.ndarray]]) -> None:
+    for index, _, rgb in frames:
+        _write_frame(folder / _frame_name(index), rgb)
 
 
 def _part_name(number: int, muxer: str | None) -> str:
