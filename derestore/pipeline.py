@@ -8,6 +8,7 @@ whole files or none, and `skip_existing` can finish the job.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
@@ -327,18 +328,27 @@ class Step:
     def __call__(self, job: Job) -> Result:
         """One input start to finish, on this thread: its result, `failed` with the reason if anything
         went wrong. Only DeviceFailure and KeyboardInterrupt escape."""
-        started = time.perf_counter()
         result = Result(job.input, job.output, "ok")
-        try:
+        with _reported(job, result):
             prepared = self.read(job)
             restored = self.compute(job, prepared, result)
             result.notes.extend(self.write(job, result, restored, prepared.image))
-        except DeviceFailure:
-            raise
-        except Exception as exc:
-            result.status, result.error = "failed", _failure(job, exc)
-        result.seconds = time.perf_counter() - started
         return result
+
+
+@contextlib.contextmanager
+def _reported(job: Job, result: Result) -> Iterator[None]:
+    """Time one input; whatever goes wrong with it becomes its result's error, except a device
+    failure, which stops the run."""
+    started = time.perf_counter()
+    try:
+        yield
+    except DeviceFailure:
+        raise
+    except Exception as exc:
+        result.status, result.error = "failed", _failure(job, exc)
+    finally:
+        result.seconds = time.perf_counter() - started
 
 
 def already_done(job: Job) -> bool:
@@ -537,7 +547,6 @@ def run_clip(job: Job, restore: video.Restore, options: video.VideoOptions, *, s
     Only DeviceFailure and KeyboardInterrupt escape."""
     if skip_existing and already_done(job):
         return Result(job.input, job.output, "skipped")
-    started = time.perf_counter()
     result = Result(job.input, job.output, "ok")
 
     def probed(report: video.ClipReport) -> None:
@@ -545,7 +554,7 @@ def run_clip(job: Job, restore: video.Restore, options: video.VideoOptions, *, s
         if on_start is not None:
             on_start(job, report.width or 0, report.height or 0)
 
-    try:
+    with _reported(job, result):
         report = video.restore_clip(job.input, job.output, restore, options, resume=skip_existing,
                                     fingerprint=fingerprint, on_probe=probed,
                                     on_frames=None if on_frames is None else functools.partial(on_frames, job))
@@ -554,11 +563,6 @@ def run_clip(job: Job, restore: video.Restore, options: video.VideoOptions, *, s
         result.notes += report.notes
         if report.resumed_from:
             result.notes.append(f"{job.input}: resumed after frame {report.resumed_from} of an earlier run")
-    except DeviceFailure:
-        raise
-    except Exception as exc:
-        result.status, result.error = "failed", _failure(job, exc)
-    result.seconds = time.perf_counter() - started
     return result
 
 

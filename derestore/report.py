@@ -18,6 +18,7 @@ import html
 import io
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -236,6 +237,20 @@ def _table(results: list[PairResult]) -> str:
     )
 
 
+def _bars(counts: np.ndarray, edges: np.ndarray, width: int, height: int, pad: int,
+          colour: Callable[[float], str], title: Callable[[float, float, int], str]) -> tuple[int, list[str]]:
+    """The SVG bars of a histogram, scaled to its fullest bin (returned first)."""
+    bar = (width - 2 * pad) / len(counts)
+    top = max(int(counts.max()), 1)
+    bars = []
+    for i, c in enumerate(counts):
+        h = (height - 2 * pad) * int(c) / top
+        x, y = pad + i * bar, height - pad - h
+        bars.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="{colour(edges[i])}">'
+                    f"<title>{title(edges[i], edges[i + 1], int(c))}</title></rect>")
+    return top, bars
+
+
 def _histogram(values: list[float], bins: int = 20) -> str:
     if not values:
         return "<p>No finite PSNR values.</p>"
@@ -243,16 +258,8 @@ def _histogram(values: list[float], bins: int = 20) -> str:
     hi = max(hi, lo + 1)
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     width, height, pad = 600, 160, 24
-    bar = (width - 2 * pad) / bins
-    top = max(int(counts.max()), 1)
-    bars = []
-    for i, c in enumerate(counts):
-        h = (height - 2 * pad) * int(c) / top
-        x, y = pad + i * bar, height - pad - h
-        bars.append(
-            f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="#4a78b5">'
-            f"<title>{edges[i]:.2f}–{edges[i + 1]:.2f} dB: {int(c)}</title></rect>"
-        )
+    top, bars = _bars(counts, edges, width, height, pad, lambda edge: "#4a78b5",
+                      lambda a, b, n: f"{a:.2f}–{b:.2f} dB: {n}")
     labels = (
         f'<text x="{pad}" y="{height - 6}">{lo} dB</text>'
         f'<text x="{width - pad}" y="{height - 6}" text-anchor="end">{hi} dB</text>'
@@ -488,17 +495,8 @@ def _difference_histogram(diff: Difference, bins: int = 20) -> str:
     reach = max(math.ceil(reach * 10) / 10, 0.1)  # a round 0.1 dB
     counts, edges = np.histogram(values, bins=bins, range=(-reach, reach))
     width, height, pad = 420, 200, 24
-    bar = (width - 2 * pad) / bins
-    top = max(int(counts.max()), 1)
-    bars = []
-    for i, c in enumerate(counts):
-        h = (height - 2 * pad) * int(c) / top
-        x, y = pad + i * bar, height - pad - h
-        colour = "#1b7a2e" if edges[i] >= 0 else "#b00020"
-        bars.append(
-            f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="{colour}">'
-            f"<title>{edges[i]:+.3f} to {edges[i + 1]:+.3f} dB: {int(c)}</title></rect>"
-        )
+    top, bars = _bars(counts, edges, width, height, pad, lambda edge: "#1b7a2e" if edge >= 0 else "#b00020",
+                      lambda a, b, n: f"{a:+.3f} to {b:+.3f} dB: {n}")
     labels = (
         f'<line x1="{width / 2}" y1="{pad}" x2="{width / 2}" y2="{height - pad}" stroke="#999"/>'
         f'<text x="{pad}" y="{height - 6}">−{reach:g} dB</text>'

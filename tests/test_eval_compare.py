@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import math
 import os
 import re
@@ -16,8 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
 
 import derestore
 from derestore import evaluate
@@ -26,28 +23,13 @@ from derestore.errors import UsageError
 from derestore.evaluate import Comparison, Summary, bootstrap_interval, parse_prediction
 from derestore.metrics import Score
 
+from .test_eval_cli import _json_lines, run
+
 FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
 NAMES = sorted(p.stem for p in (FIXTURES / "pairs" / "gt").iterdir())
 TEN_LOG_4 = 10 * math.log10(4)  # the PSNR gain of halving a constant error
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Test host for the eval command."""
-
-    eval_cmd.register(app)
-    return app
-
-
-def run(*args: str | Path):
-    return CliRunner().invoke(_app(), ["eval", *map(str, args)])
-
-
-def _json_lines(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
 def _write(path: Path, pixels: np.ndarray) -> Path:
