@@ -253,17 +253,19 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
          device: str = "auto", precision: str = "auto", batch_size: int = 4, layout: str = "auto",
          compile: bool = False, offline: bool | None = None, registry: Registry | None = None,
          download_progress: Callable[[str, int, int | None], None] | None = None,
-         tune_kernels: bool = False) -> Model:
+         tune_kernels: bool = False, backend: str = "auto") -> Model:
     """Resolve a task / registry name / checkpoint file to a ready-to-run model.
 
     Precedence: `weights` (a file), then `model` (a registry name), then the task's default.
     `layout`: auto | channels_last | contiguous; `compile`: run the network through torch.compile;
     `download_progress(name, done, total)` is called while a checkpoint downloads;
-    `tune_kernels` lets cuDNN autotune (process-wide, see `Engine.create`). A
+    `tune_kernels` lets cuDNN autotune (process-wide, see `Engine.create`); `backend`: auto | torch |
+    onnxruntime (auto: ONNX Runtime where measured exact and faster, see `derestore.onnx_backend`). A
     ModelUnavailable raised for a registry model lists in `alternatives` the bundled models
     of the same task, which need no download.
     """
-    check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size)
+    check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size,
+                         backend=backend)
     registry = registry or load_registry()
     if weights is not None and model is not None:
         raise UsageError("give either model= or weights=, not both")
@@ -302,14 +304,17 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
     devices = parse_devices(device)
     # The precision probe's verdict is kept per checkpoint: hash the file only where a probe can run.
     sha256 = record.sha256 if record is not None else None
-    if sha256 is None and (precision != "auto" or any(half_types(choose_device(d)) for d in devices)):
+    # So is the backend's and layout's first-use measurement (`derestore.onnx_backend`).
+    if sha256 is None and (precision != "auto" or backend != "torch" or layout == "auto"
+                           or any(half_types(choose_device(d)) for d in devices)):
         from .loading import sha256_file
 
         sha256 = sha256_file(path)
     # One replica per device (e.g. per GPU), each with its own copy of the weights.
     descriptors = [loaded.descriptor] + [copy.deepcopy(loaded.descriptor) for _ in devices[1:]]
     replicas = [Engine.create(d, device=spec, precision=precision, batch_size=batch_size, layout=layout,
-                              compile=compile, tune_kernels=tune_kernels, checkpoint_sha256=sha256)
+                              compile=compile, tune_kernels=tune_kernels, checkpoint_sha256=sha256,
+                              backend=backend)
                 for d, spec in zip(descriptors, devices)]
     return Model(
         name=name,
@@ -334,12 +339,12 @@ def _loads_as(record: ModelRecord) -> Callable[[Path], None]:
 
 
 def check_engine_options(*, device: str = "auto", precision: str = "auto", layout: str = "auto",
-                         batch_size: int = 4, local: bool = True) -> None:
-    """Refuse a bad device, precision, layout or batch size before anything is loaded.
+                         batch_size: int = 4, local: bool = True, backend: str = "auto") -> None:
+    """Refuse a bad device, precision, layout, batch size or backend before anything is loaded.
 
     `local`: the device must exist here; otherwise (a cluster's workers) only its spelling is checked.
     """
-    from .engine import LAYOUTS, PRECISIONS, choose_device, parse_device, parse_devices
+    from .engine import LAYOUTS, PRECISIONS, check_backend, choose_device, parse_device, parse_devices
 
     for one in parse_devices(device) if local else device.split(","):
         if local:
@@ -352,6 +357,7 @@ def check_engine_options(*, device: str = "auto", precision: str = "auto", layou
         raise UsageError(f"layout='{layout}' is not one of {', '.join(LAYOUTS)}")
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size}: must be at least 1")
+    check_backend(backend, precision)
 
 
 def plan(inputs: list[str] | str, output: str | Path, *, recursive: bool = False, ext: str | None = None,

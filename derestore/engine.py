@@ -19,12 +19,15 @@ from .tiling import SizeRule, TilePlan, fit_tile, plan_tiles, reflect_indices
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
 
+    from .onnx_backend import OnnxNetwork
+    from .onnx_backend import Verdict as BackendVerdict
     from .precision import Verdict
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LAYOUTS = ("auto", "channels_last", "contiguous")
+BACKENDS = ("auto", "torch", "onnxruntime")
 # Share of the free memory `--tile auto` plans to use: allocator slack, fragmentation, the image itself.
 AUTO_TILE_BUDGET = 0.6
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -97,6 +100,16 @@ def explicit_precision(spec: str, descriptor: ImageModelDescriptor) -> torch.dty
     return _DTYPES[spec]
 
 
+def check_backend(backend: str, precision: str = "auto", compile: bool = False) -> None:
+    """Refuse an unknown backend, and ONNX Runtime with what only PyTorch does (half precision, compile)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"backend='{backend}' is not one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime" and precision in ("fp16", "bf16"):
+        raise UsageError(f"backend='onnxruntime' runs fp32 only; precision='{precision}' needs backend='torch'")
+    if backend == "onnxruntime" and compile:
+        raise UsageError("compile=True is PyTorch's torch.compile; it needs backend='torch', not 'onnxruntime'")
+
+
 def choose_layout(spec: str, descriptor: ImageModelDescriptor) -> bool:
     """True for channels_last: under `auto`, where measurement showed it faster for the architecture."""
     if spec not in LAYOUTS:
@@ -164,16 +177,26 @@ class Engine:
     compile_seconds: float | None = None
     verdict: Verdict | None = None  # the precision probe's verdict for this checkpoint and device, when there is one
     _bytes_per_pixel: float | None = field(default=None, repr=False)
+    onnx: OnnxNetwork | None = field(default=None, repr=False)  # the network on ONNX Runtime, when it runs there
+    backend_verdict: BackendVerdict | None = None  # the first-use measurement behind the backend and layout
 
     @classmethod
     def create(cls, descriptor: ImageModelDescriptor, *, device: str = "auto", precision: str = "auto",
                batch_size: int = 4, layout: str = "auto", compile: bool = False,
-               tune_kernels: bool = False, checkpoint_sha256: str | None = None) -> "Engine":
+               tune_kernels: bool = False, checkpoint_sha256: str | None = None,
+               backend: str = "auto") -> "Engine":
         """`precision="auto"`: fp32, or on a device with half types the one measured accurate for this
         checkpoint (`derestore.precision`; the verdict is cached by `checkpoint_sha256`).
         `tune_kernels`: let cuDNN pick the fastest kernels for each input shape — a process-wide
-        setting (`torch.backends.cudnn.benchmark`), so only when asked (the command line does)."""
+        setting (`torch.backends.cudnn.benchmark`), so only when asked (the command line does).
+        `backend`: torch, onnxruntime (fp32), or auto — ONNX Runtime where the checkpoint's export measured
+        exact and faster on this machine, and under `layout="auto"` PyTorch's layout measured on this CPU
+        (`derestore.onnx_backend`; both need `checkpoint_sha256` to cache the measurement by)."""
         from . import precision as measured
+
+        check_backend(backend, precision, compile)
+        if backend == "onnxruntime" and precision == "auto":
+            precision = "fp32"  # ONNX Runtime's only precision: no half-precision probe
 
         if batch_size < 1:
             raise UsageError(f"batch_size={batch_size}: must be at least 1")
@@ -207,7 +230,31 @@ class Engine:
             log.warning("%s was measured inaccurate for this checkpoint on %s (%s dB against fp32, below %g); "
                         "running in it as asked", precision, engine.verdict.device,
                         engine.verdict.measured[precision]["psnr"], measured.MIN_PSNR)
+        if backend != "torch" or layout == "auto":
+            engine._choose_backend(backend, layout == "auto", checkpoint_sha256, compile)
         return engine
+
+    def _choose_backend(self, backend: str, layout_auto: bool, sha256: str | None, compile: bool) -> None:
+        """Hand `_call` to ONNX Runtime where asked or measured better, and take PyTorch's measured layout."""
+        from . import onnx_backend
+
+        if backend == "auto" and (compile or self.dtype != torch.float32):
+            log.info("backend: torch (%s)", "torch.compile was asked for" if compile else
+                     f"ONNX Runtime runs fp32 only, and {self.precision} runs here")
+            return
+        if compile:
+            return  # a layout timed without compilation says nothing about the compiled network
+        choice = onnx_backend.choose(self.descriptor, self.device, backend=backend, sha256=sha256,
+                                     channels_last=self.channels_last, layout_auto=layout_auto)
+        if choice.channels_last != self.channels_last:
+            self.channels_last = choice.channels_last
+            self.descriptor.model.to(memory_format=torch.channels_last if self.channels_last
+                                     else torch.contiguous_format)
+        self.onnx, self.backend_verdict = choice.network, choice.verdict
+
+    @property
+    def backend(self) -> str:
+        return "torch" if self.onnx is None else "onnxruntime"
 
     def _verdict(self, sha256: str, *, probe: bool) -> Verdict | None:
         from . import precision as measured
@@ -236,7 +283,7 @@ class Engine:
         # fp32 retry of a bad half-precision result free.
         dtype = dtype or self.dtype
         batch = batch.to(self.device, torch.float32, non_blocking=True)
-        if self.channels_last:
+        if self.channels_last and self.onnx is None:
             batch = batch.contiguous(memory_format=torch.channels_last)
         started = time.perf_counter() if self.compile_pending else 0.0
         if dtype == torch.float32:
@@ -251,10 +298,11 @@ class Engine:
 
     def _call(self, batch: torch.Tensor) -> torch.Tensor:
         """The network on (B, 3, H, W); a grayscale network restores each colour plane on its own."""
+        network = self.descriptor if self.onnx is None else self.onnx
         if self.descriptor.input_channels != 1:
-            return self.descriptor(batch)
+            return network(batch)
         b, c, h, w = batch.shape
-        return self.descriptor(batch.reshape(b * c, 1, h, w)).reshape(b, c, h, w)
+        return network(batch.reshape(b * c, 1, h, w)).reshape(b, c, h, w)
 
     def bytes_per_pixel(self) -> float:
         """Peak forward memory per input pixel: probed on a GPU, the measured table on the CPU."""

@@ -51,6 +51,7 @@ class ModelRecord:
     tile: int | None = None
     overlap: int | None = None
     square: bool | None = None
+    stats_window: int | None = None  # local-statistics window in pixels, 0 = global (local_stats); None: the arch's
     paper: Paper | None = None
     notes: str = ""
     origin: str = ""  # which registry file defined it
@@ -232,6 +233,7 @@ _MODEL_FIELDS: dict[str, Any] = {
     "tile": lambda w, k, v: _count(w, k, v, minimum=0),
     "overlap": lambda w, k, v: _count(w, k, v, minimum=0),
     "square": _flag,
+    "stats_window": lambda w, k, v: _count(w, k, v, minimum=0),
     "paper": lambda w, k, v: _paper(w, v),
     "notes": _text,
     "git_blob_sha1": lambda w, k, v: _hex(w, k, v, 40),

@@ -142,6 +142,7 @@ def run(
     crop_border: int = 0,
     threads: int | None = None,
     tune_kernels: bool = False,
+    backend: str = "auto",
     video_codec: str | None = None,
     crf: int | None = None,
     bitrate: str | None = None,
@@ -182,14 +183,14 @@ def run(
     if ray is not None:
         from .ray import check_ray_options
 
-        check_ray_options(ray, ray_workers)
+        check_ray_options(ray, ray_workers, device)
     elif ray_workers is not None:
         raise UsageError("ray_workers is only meaningful with a Ray address (ray='local', 'auto' or 'ray://…')")
     tile = api.check_tiling(tile, overlap, tiling)
     max_pixels = api.check_max_pixels(max_pixels)
     # A Ray run's device is the workers', not this machine's: here only its spelling is checked.
     api.check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size,
-                             local=ray is None)
+                             local=ray is None, backend=backend)
     jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
                     from_list=from_list, shard=shard, frames_dir=frames_dir)
     clip_options = VideoOptions(codec=video_codec, crf=crf, bitrate=bitrate, frames_dir=frames_dir,
@@ -212,7 +213,8 @@ def run(
     if precision == "auto" and (tiling == "published" or gt is not None):
         precision = "fp32"  # reproducing or measuring a paper's numbers: no half-precision shortcut
     load_options = {"task": task, "model": model, "weights": weights, "device": device, "precision": precision,
-                    "batch_size": batch_size, "layout": layout, "compile": compile, "tune_kernels": tune_kernels}
+                    "batch_size": batch_size, "layout": layout, "compile": compile, "tune_kernels": tune_kernels,
+                    "backend": backend}
     step_options = {"tile": tile, "overlap": overlap, "tiling": tiling, "max_pixels": max_pixels}
     options = {**load_options, **step_options, "ext": ext, "suffix": suffix, "keep_tree": keep_tree,
                "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast,

@@ -2,6 +2,13 @@
 
 Architectures not listed get the conservative defaults: contiguous layout, and a
 memory-per-pixel figure well above any measured here.
+
+The layout table is only a default: which layout is faster depends on the CPU
+(this table's CPU gained up to 2× from channels_last; others gain nothing), so
+on the CPU `layout="auto"` times both layouts at a checkpoint's first use on the
+machine and keeps the faster (`derestore.onnx_backend`, cached with the backend
+verdict). The table serves where nothing is measured: GPUs, and engines made
+without a checkpoint digest to cache a measurement by.
 """
 
 from __future__ import annotations

@@ -42,11 +42,12 @@ def _root(
 
 
 def _register_commands() -> None:
-    from . import eval_cmd, tasks, weights_cmd
+    from . import eval_cmd, export_cmd, tasks, weights_cmd
 
     tasks.register(app, tasks.task_records())
     eval_cmd.register(app)
     weights_cmd.register(app)
+    export_cmd.register(app)
 
 
 _register_commands()
