@@ -243,7 +243,8 @@ def run(
         remove_stale_temp_files(jobs)
         if ray is None:
             emit(Loaded(loaded, f"{loaded.devices} in {loaded.engine.precision}"))
-            results = _local(jobs, loaded, step_options, truth, clip_options, skip_existing, fail_fast, emit)
+            results = _local(jobs, loaded, step_options, truth, clip_options, skip_existing, fail_fast, emit,
+                             lambda: report.failed > 0)
         else:
             from .ray import run_jobs_on_ray
 
@@ -283,9 +284,9 @@ def _ignore(event: Event) -> None:
 
 def _local(jobs: list[Job], model: Model, step_options: dict[str, Any], truth: GroundTruth | None,
            clip_options: VideoOptions, skip_existing: bool, fail_fast: bool,
-           emit: Callable[[Event], None]) -> Iterator[Result]:
+           emit: Callable[[Event], None], failed: Callable[[], bool]) -> Iterator[Result]:
     """This machine's executor, in input order: runs of images through the threaded pipeline, each
-    clip frame by frame."""
+    clip frame by frame. `failed()`: whether a result handed out so far failed (for `fail_fast`)."""
     step = model.step(**step_options, score=truth)
 
     def restore_frames(frames: list[Any]) -> list[Any]:
@@ -296,22 +297,23 @@ def _local(jobs: list[Job], model: Model, step_options: dict[str, Any], truth: G
     fingerprint = {"sha256": model.sha256, **{k: step_options[k] for k in ("tile", "overlap", "tiling")},
                    "precision": model.engine.precision}
     for group in _runs_of_a_kind(jobs):
+        if fail_fast and failed():
+            return
         if group[0].video:
-            results: Iterator[Result] = (
-                run_clip(job, restore_frames, clip_options, skip_existing=skip_existing, fingerprint=fingerprint,
-                         on_start=lambda job, width, height: emit(Started(job, width, height)),
-                         on_frames=lambda job, done, total: emit(Frames(job, done, total)))
-                for job in group)
+            for job in group:
+                yield run_clip(job, restore_frames, clip_options, skip_existing=skip_existing, fingerprint=fingerprint,
+                               on_start=lambda job, width, height: emit(Started(job, width, height)),
+                               on_frames=lambda job, done, total: emit(Frames(job, done, total)))
+                if fail_fast and failed():
+                    return
         else:
-            results = run_jobs(group, step, skip_existing=skip_existing, fail_fast=fail_fast,
-                               on_start=lambda job, prepared: emit(Started(job, prepared.image.width,
-                                                                           prepared.image.height)),
-                               on_tiles=lambda job, done, total: emit(Tiles(job, done, total)),
-                               parallel=len(model.replicas))
-        for result in results:
-            yield result
-            if fail_fast and result.status == "failed":
-                return
+            # `yield from` hands an interrupt thrown in here to the pipeline, which then finishes and
+            # reports the writes in flight; a plain loop would leave them to the garbage collector.
+            yield from run_jobs(group, step, skip_existing=skip_existing, fail_fast=fail_fast,
+                                on_start=lambda job, prepared: emit(Started(job, prepared.image.width,
+                                                                            prepared.image.height)),
+                                on_tiles=lambda job, done, total: emit(Tiles(job, done, total)),
+                                parallel=len(model.replicas))
 
 
 def _runs_of_a_kind(jobs: list[Job]) -> Iterator[list[Job]]:

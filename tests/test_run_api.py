@@ -144,3 +144,35 @@ def test_run_record_of_an_api_run_lists_options_and_threads(tmp_path, ckpt):
     assert record["counts"] == {"ok": 1, "skipped": 0, "failed": 0, "total": 1, "seconds": record["counts"]["seconds"],
                                 "model": "dncnn", "interrupted": False, "stopped": None}
     assert np.isfinite(record["counts"]["seconds"])
+
+
+def test_an_interrupt_in_the_event_handler_finishes_the_writes_in_flight_before_run_returns(tmp_path, ckpt,
+                                                                                               monkeypatch):
+    from derestore import imageio
+
+    write_images(tmp_path / "in", 6, size=24)
+    real_write = imageio.write_image
+
+    def slow_write(path, image):
+        time.sleep(0.4)  # still writing when the first result is handed out
+        return real_write(path, image)
+
+    monkeypatch.setattr(imageio, "write_image", slow_write)
+    finished = []
+
+    def on_event(event):
+        if isinstance(event, Finished):
+            finished.append(event.result)
+            if len(finished) == 1:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    report = derestore.run([str(tmp_path / "in")], out, weights=ckpt, device="cpu", on_event=on_event)
+    assert report.interrupted and report.exit_code == 130
+    # Every write that had started was completed and reported before run() returned: no temp file,
+    # and each output on disk is one the report counted as ok.
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert 1 < len(written) < 6
+    assert sorted(r.output.name for r in finished if r.status == "ok") == written
+    assert report.ok == len(written)
