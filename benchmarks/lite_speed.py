@@ -27,6 +27,7 @@ TASKS = ("derain", "desnow", "dehaze", "deblur", "denoise")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--stats", default="auto", help="auto (each model's own) | local | global")
     args = ap.parse_args()
     import derestore
 
@@ -36,7 +37,7 @@ def main() -> None:
         png = Path(tmp) / "photo.png"
         cv2.imwrite(str(png), bgr)
         for task in TASKS:
-            model = derestore.load(model=f"lite-{task}", device="cpu")
+            model = derestore.load(model=f"lite-{task}", device="cpu", stats=args.stats)
             model.restore_array(image, tile=0)
             runs = []
             for _ in range(args.repeat):
@@ -45,9 +46,9 @@ def main() -> None:
                 runs.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "derestore", task, str(png), "-m", f"lite-{task}",
-                            "-o", str(Path(tmp) / task), "-q"], check=True)
+                            "-o", str(Path(tmp) / task), "--stats", args.stats, "-q"], check=True)
             command = time.perf_counter() - t0
-            print(f"lite-{task}: restore {statistics.median(runs):.2f} s (median of {args.repeat}), "
+            print(f"lite-{task} ({model.stats} statistics, {model.engine.backend}): restore {statistics.median(runs):.2f} s (median of {args.repeat}), "
                   f"whole command {command:.2f} s", flush=True)
 
 

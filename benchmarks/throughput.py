@@ -197,7 +197,7 @@ def time_processes(ckpt: Path, root: Path, args: argparse.Namespace) -> dict[str
         return [sys.executable, "-m", "derestore", "denoise", str(root / "in"), "-o", str(out), "--weights",
                 str(ckpt), "--tile", args.tile, "--overlap", str(args.overlap), "--batch-size", str(args.batch),
                 "--device", args.device, "--precision", args.precision, "--layout", args.layout,
-                "--backend", args.backend, "-q"]
+                "--backend", args.backend, "--stats", args.stats, "-q"]
 
     def timed(cmd: list[str]) -> float:
         t0 = time.perf_counter()
@@ -229,6 +229,8 @@ def main() -> None:
     ap.add_argument("--tiling", default="blend")
     ap.add_argument("--layout", default="auto")
     ap.add_argument("--backend", default="auto", help="auto | torch | onnxruntime")
+    ap.add_argument("--stats", default="global",
+                    help="auto | local | global; global (default) runs the same network as the published protocol")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--processes", action="store_true", help="also time whole processes, start-up included")
     ap.add_argument("--repeat", type=int, default=1, help="--processes: runs of each, alternated (median)")
@@ -281,7 +283,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         model = derestore.load(weights=ckpt, device=args.device, precision=args.precision, batch_size=args.batch,
-                               layout=args.layout, tune_kernels=True, backend=args.backend)
+                               layout=args.layout, tune_kernels=True, backend=args.backend, stats=args.stats)
         load_seconds = time.perf_counter() - t0
         tile = derestore.api.parse_tile(args.tile)
         rss_model = PeakRSS.now()  # the model is loaded; what follows is the pipeline's own memory

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 evaluate = evaluate_folders
 
 TILINGS = ("blend", "published")
+STATS = ("auto", "local", "global")
 AUTO = "auto"
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
@@ -82,6 +83,11 @@ class Model:
         return self.engine.descriptor.architecture.id
 
     @property
+    def stats(self) -> str:
+        """local or global statistics (see `load`)."""
+        return self.engine.stats
+
+    @property
     def sha256(self) -> str:
         if self._sha256 is None:
             from .loading import sha256_file
@@ -110,9 +116,9 @@ class Model:
         from .engine import is_device_failure, is_out_of_memory
 
         tile = self.tile if tile is None else tile
-        if tile == AUTO:
-            tile = self.tile if tiling == "published" else engine.auto_tile(*image.shape[1:])
         overlap = self.overlap if overlap is None else overlap
+        if tile == AUTO:
+            tile = self.tile if tiling == "published" else engine.auto_tile(*image.shape[1:], overlap)
         notes: list[str] = []
         while True:
             try:
@@ -142,6 +148,7 @@ class Model:
              on_tiles: Callable[[int, int], None] | None = None) -> np.ndarray:
         if tiling not in TILINGS:
             raise UsageError(f"tiling='{tiling}' is not one of {', '.join(TILINGS)}")
+        check_statistics(tiling, engine.stats)
         if tiling == "published":
             from .archs import PUBLISHED_WINDOWS
 
@@ -166,10 +173,10 @@ class Model:
         with self._replica() as engine:
             height, width = arrays[0].shape[1:]
             size = self.tile if tile is None else tile
+            overlap = self.overlap if overlap is None else overlap
             if size == AUTO:
-                size = engine.auto_tile(height, width)
-            whole = tiling == "blend" and not engine.plan(height, width, size,  # type: ignore[arg-type]
-                                                          self.overlap if overlap is None else overlap).tiled
+                size = engine.auto_tile(height, width, overlap)
+            whole = tiling == "blend" and not engine.plan(height, width, size, overlap).tiled  # type: ignore[arg-type]
             outs = self._batched(engine, arrays) if whole and len(arrays) > 1 else None
             if outs is None:
                 outs = []
@@ -193,7 +200,9 @@ class Model:
         return None if any(_broken(out, array) for out, array in zip(outs, arrays)) else outs
 
     def check_tiling(self, tile: int | str | None, overlap: int | None, tiling: str = "blend") -> None:
-        """Refuse, before any image, a tile and overlap that cannot be laid out with this model."""
+        """Refuse, before any image, a tile and overlap that cannot be laid out with this model, and
+        the published protocol on a network converted to local statistics."""
+        check_statistics(tiling, self.stats)
         tile = self.tile if tile is None else tile
         if tiling == "blend" and isinstance(tile, int) and tile > 0:
             side = 3 * tile  # large enough to need several tiles per axis
@@ -215,6 +224,15 @@ class Model:
 
 
 MIN_TILE = 64
+
+
+def check_statistics(tiling: str, stats: str) -> None:
+    """The published protocol runs the paper's network: global statistics."""
+    if stats not in STATS:
+        raise UsageError(f"stats='{stats}' is not one of {', '.join(STATS)}")
+    if tiling == "published" and stats == "local":
+        raise UsageError("tiling='published' replays the paper's network, with global statistics; "
+                         "use stats='global' (or stats='auto', which picks it for tiling='published')")
 
 
 def _device_failed(engine: Engine, exc: BaseException) -> DeviceFailure:
@@ -253,19 +271,27 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
          device: str = "auto", precision: str = "auto", batch_size: int = 4, layout: str = "auto",
          compile: bool = False, offline: bool | None = None, registry: Registry | None = None,
          download_progress: Callable[[str, int, int | None], None] | None = None,
-         tune_kernels: bool = False, backend: str = "auto") -> Model:
+         tune_kernels: bool = False, backend: str = "auto", stats: str = "auto",
+         stats_window: int | None = None) -> Model:
     """Resolve a task / registry name / checkpoint file to a ready-to-run model.
 
     Precedence: `weights` (a file), then `model` (a registry name), then the task's default.
     `layout`: auto | channels_last | contiguous; `compile`: run the network through torch.compile;
     `download_progress(name, done, total)` is called while a checkpoint downloads;
     `tune_kernels` lets cuDNN autotune (process-wide, see `Engine.create`); `backend`: auto | torch |
-    onnxruntime (auto: ONNX Runtime where measured exact and faster, see `derestore.onnx_backend`). A
-    ModelUnavailable raised for a registry model lists in `alternatives` the bundled models
-    of the same task, which need no download.
+    onnxruntime (auto: ONNX Runtime where measured exact and faster, see `derestore.onnx_backend`).
+    `stats`: local | global | auto — local statistics over windows of `stats_window` pixels (default:
+    the record's, else 1.5 × the architecture's training crop), which make tiled output equal
+    whole-image output; global ones are the published network's; auto picks per checkpoint
+    (`derestore.local_stats`). A ModelUnavailable raised for a registry model lists in
+    `alternatives` the bundled models of the same task, which need no download.
     """
     check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size,
                          backend=backend)
+    check_statistics("blend", stats)
+    if stats_window is not None and (isinstance(stats_window, bool) or not isinstance(stats_window, int)
+                                     or stats_window < 1):
+        raise UsageError(f"stats_window={stats_window}: give the window's side in pixels, at least 1")
     registry = registry or load_registry()
     if weights is not None and model is not None:
         raise UsageError("give either model= or weights=, not both")
@@ -310,11 +336,12 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         from .loading import sha256_file
 
         sha256 = sha256_file(path)
+    conversion = _convert(loaded.descriptor, stats, stats_window or (record.stats_window if record else None))
     # One replica per device (e.g. per GPU), each with its own copy of the weights.
     descriptors = [loaded.descriptor] + [copy.deepcopy(loaded.descriptor) for _ in devices[1:]]
     replicas = [Engine.create(d, device=spec, precision=precision, batch_size=batch_size, layout=layout,
                               compile=compile, tune_kernels=tune_kernels, checkpoint_sha256=sha256,
-                              backend=backend)
+                              backend=backend, conversion=conversion)
                 for d, spec in zip(descriptors, devices)]
     return Model(
         name=name,
@@ -326,6 +353,19 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         overlap=_hint(registry, record, loaded.arch, "overlap", DEFAULT_OVERLAP),
         _sha256=sha256,
     )
+
+
+def _convert(descriptor: object, stats: str, window: int | None) -> object:
+    """The network in the statistics asked for (auto: the architecture's and record's choice)."""
+    from . import local_stats
+
+    arch = descriptor.architecture.id  # type: ignore[attr-defined]
+    if stats == AUTO:
+        stats = local_stats.default_stats(arch, window)
+    elif stats == "local" and not local_stats.supports(arch):
+        raise UsageError(f"stats='local': local statistics are not available for {arch} (they are for "
+                         f"{', '.join(local_stats.TRAIN_SIZE)}); use stats='global'")
+    return local_stats.apply(descriptor, stats=stats, window=window or None)  # type: ignore[arg-type]
 
 
 def _loads_as(record: ModelRecord) -> Callable[[Path], None]:
@@ -489,8 +529,10 @@ class GroundTruth:
 def list_models(task: str | None = None, *, registry: Registry | None = None) -> list[dict[str, object]]:
     """Every registered checkpoint (of `task`, if given) with its cache state, sorted by task and name;
     `default` says whether it is its task's default, `precision` the verdicts of precision probes
-    run with it under this torch (device name → fp32/fp16/bf16)."""
+    run with it under this torch (device name → fp32/fp16/bf16), `stats` and `stats_window` the
+    statistics it runs with under `stats="auto"` and `tiling="blend"`."""
     from . import hub
+    from .stats_choice import record_choice
 
     registry = registry or load_registry()
     if task is not None:
@@ -502,7 +544,8 @@ def list_models(task: str | None = None, *, registry: Registry | None = None) ->
     defaults = {task.default for task in registry.tasks.values()}
     infos = []
     for record in records:
-        info = {**hub.describe(record), "default": record.name in defaults}
+        info = {**hub.describe(record), "default": record.name in defaults,
+                **record_choice(record.arch, record.stats_window)}
         info["precision"] = {v.device: v.precision for v in cached_verdicts(str(info["sha256"] or ""))}
         infos.append(info)
     return infos

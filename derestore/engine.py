@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -12,13 +15,14 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from . import tuning
+from . import local_stats, tuning
 from .errors import UsageError
 from .tiling import SizeRule, TilePlan, fit_tile, plan_tiles, reflect_indices
 
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
 
+    from .local_stats import Conversion
     from .onnx_backend import OnnxNetwork
     from .onnx_backend import Verdict as BackendVerdict
     from .precision import Verdict
@@ -30,6 +34,7 @@ LAYOUTS = ("auto", "channels_last", "contiguous")
 BACKENDS = ("auto", "torch", "onnxruntime")
 # Share of the free memory `--tile auto` plans to use: allocator slack, fragmentation, the image itself.
 AUTO_TILE_BUDGET = 0.6
+AUTO_TILE_FLOOR = 64  # under local statistics the context comes on top of this
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -179,22 +184,32 @@ class Engine:
     _bytes_per_pixel: float | None = field(default=None, repr=False)
     onnx: OnnxNetwork | None = field(default=None, repr=False)  # the network on ONNX Runtime, when it runs there
     backend_verdict: BackendVerdict | None = None  # the first-use measurement behind the backend and layout
+    conversion: Conversion | None = None  # the network's statistics (`derestore.local_stats.apply`)
 
     @classmethod
     def create(cls, descriptor: ImageModelDescriptor, *, device: str = "auto", precision: str = "auto",
                batch_size: int = 4, layout: str = "auto", compile: bool = False,
                tune_kernels: bool = False, checkpoint_sha256: str | None = None,
-               backend: str = "auto") -> "Engine":
+               backend: str = "auto", conversion: Conversion | None = None) -> "Engine":
         """`precision="auto"`: fp32, or on a device with half types the one measured accurate for this
         checkpoint (`derestore.precision`; the verdict is cached by `checkpoint_sha256`).
         `tune_kernels`: let cuDNN pick the fastest kernels for each input shape — a process-wide
         setting (`torch.backends.cudnn.benchmark`), so only when asked (the command line does).
         `backend`: torch, onnxruntime (fp32), or auto — ONNX Runtime where the checkpoint's export measured
         exact and faster on this machine, and under `layout="auto"` PyTorch's layout measured on this CPU
-        (`derestore.onnx_backend`; both need `checkpoint_sha256` to cache the measurement by)."""
+        (`derestore.onnx_backend`; both need `checkpoint_sha256` to cache the measurement by).
+        `conversion`: what `local_stats.apply` made of the network; tiles then carry the context its
+        statistics need, and a network whose behaviour follows the tile's place stays on PyTorch."""
         from . import precision as measured
 
         check_backend(backend, precision, compile)
+        pinned = _torch_only(conversion)
+        if pinned and backend == "onnxruntime":
+            if conversion is not None and conversion.stats == "local":
+                raise UsageError(f"backend='onnxruntime': {pinned}; use stats='global' or backend='torch'")
+            from .onnx_backend import ExportError
+
+            raise ExportError(f"backend='onnxruntime': {pinned}; use backend='auto' or 'torch'")
         if backend == "onnxruntime" and precision == "auto":
             precision = "fp32"  # ONNX Runtime's only precision: no half-precision probe
 
@@ -221,7 +236,7 @@ class Engine:
         if compile:
             descriptor.model.compile()
         engine = cls(descriptor=descriptor, device=dev, dtype=dtype, batch_size=batch_size,
-                     channels_last=channels_last, compile_pending=compile)
+                     channels_last=channels_last, compile_pending=compile, conversion=conversion)
         if checkpoint_sha256 and (precision == "auto" and measured.half_types(dev) or precision != "auto"):
             engine.verdict = engine._verdict(checkpoint_sha256, probe=precision == "auto")
         if precision == "auto" and engine.verdict is not None:
@@ -230,6 +245,9 @@ class Engine:
             log.warning("%s was measured inaccurate for this checkpoint on %s (%s dB against fp32, below %g); "
                         "running in it as asked", precision, engine.verdict.device,
                         engine.verdict.measured[precision]["psnr"], measured.MIN_PSNR)
+        if pinned and backend == "auto":
+            log.info("backend: torch (%s)", pinned)
+            backend = "torch"
         if backend != "torch" or layout == "auto":
             engine._choose_backend(backend, layout == "auto", checkpoint_sha256, compile)
         return engine
@@ -271,11 +289,44 @@ class Engine:
     def precision(self) -> str:
         return {v: k for k, v in _DTYPES.items()}[self.dtype]
 
+    @property
+    def stats(self) -> str:
+        """The network's statistics: local (over windows) or global (as published)."""
+        return self.conversion.stats if self.conversion is not None else "global"
+
+    def context(self, overlap: int) -> int:
+        """Pixels a tile carries around the part it contributes: under local statistics their reach on
+        top of the convolutional context (`overlap // 2`), so that tiles equal the whole image."""
+        if self.conversion is None or self.conversion.stats != "local":
+            return overlap // 2
+        return local_stats.context(self.conversion, overlap // 2)
+
+    def _rule(self) -> SizeRule:
+        rule = size_rule(self.descriptor)
+        if self.stats == "local":
+            # Cells and the deepest level's grid of every tile must fall where the whole image's do.
+            rule = dataclasses.replace(rule, multiple=math.lcm(rule.multiple, self.conversion.align))
+        return rule
+
     def plan(self, height: int, width: int, tile: int, overlap: int) -> TilePlan:
+        """Tiles of `tile` pixels with `overlap` context at each seam; under local statistics `tile` is
+        the part each window contributes, and the windows are `2 · context` larger, cut sharply in the
+        middle of their shared strips (each side is exact there, a feather would only blur)."""
+        window, shared, feather = tile, overlap, None
+        if self.stats == "local":
+            context = self.context(overlap)
+            window, shared, feather = (tile + 2 * context if tile else 0), context, 0
         try:
-            return plan_tiles(height, width, tile, overlap, size_rule(self.descriptor))
+            return plan_tiles(height, width, window, shared, self._rule(), feather)
         except ValueError as exc:
             raise UsageError(f"tile={tile} overlap={overlap}: {exc}") from None
+
+    def _placed(self, plan: TilePlan, windows: list) -> contextlib.AbstractContextManager:
+        """MPRNet splits each window along the whole image's lines."""
+        if self.conversion is None or not self.conversion.split_lines:
+            return contextlib.nullcontext()
+        return local_stats.placed(self.descriptor.model, (plan.padded_height, plan.padded_width),
+                                  [(win.y0, win.x0) for win in windows])
 
     def _forward(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         # Weights stay fp32 and half precision runs under autocast, which keeps the
@@ -327,10 +378,14 @@ class Engine:
             peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
         return max(1.0, (peaks[1] - peaks[0]) / (sides[1] ** 2 - sides[0] ** 2))
 
-    def auto_tile(self, height: int, width: int) -> int:
-        """The largest tile (0 = whole image) whose passes fit in the memory free right now."""
+    def auto_tile(self, height: int, width: int, overlap: int = 32) -> int:
+        """The largest tile (0 = whole image) whose passes fit in the memory free right now; under local
+        statistics the windows forwarded are the tile and its context."""
         budget = AUTO_TILE_BUDGET * free_memory(self.device)
-        return fit_tile(height, width, self.bytes_per_pixel(), budget, self.batch_size, size_rule(self.descriptor))
+        side = fit_tile(height, width, self.bytes_per_pixel(), budget, self.batch_size, self._rule())
+        if side and self.stats == "local":
+            side = max(AUTO_TILE_FLOOR, side - 2 * self.context(overlap))
+        return side
 
     @torch.inference_mode()
     def restore_batch(self, images: list[np.ndarray], dtype: torch.dtype | None = None) -> list[np.ndarray]:
@@ -378,13 +433,26 @@ class Engine:
         for start in range(0, len(windows), self.batch_size):
             group = windows[start:start + self.batch_size]
             batch = torch.cat([padded[..., win.y0:win.y1, win.x0:win.x1] for _, win in group])
-            outputs = forward(batch)
+            with self._placed(plan, [win for _, win in group]):
+                outputs = forward(batch)
             for (i, win), out in zip(group, outputs):
                 weight = torch.from_numpy(plan.weight(i)).to(self.device)
                 result[:, win.y0:win.y1, win.x0:win.x1].addcmul_(out, weight)
             if on_tiles is not None:
                 on_tiles(start + len(group), len(windows))
         return result[:, :h, :w].clamp_(0, 1).cpu().numpy()
+
+
+def _torch_only(conversion: Conversion | None) -> str | None:
+    """Why a converted network must stay on PyTorch (None: it need not): an exported graph freezes
+    what the network decides from the input's size or place."""
+    if conversion is None:
+        return None
+    if conversion.stats == "local":
+        return "local statistics pick their windows by the input's size, which an ONNX export freezes"
+    if conversion.split_lines:
+        return "MPRNet's split lines follow each tile's place in the image, which an ONNX export freezes"
+    return None
 
 
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")

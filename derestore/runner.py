@@ -128,6 +128,8 @@ def run(
     tile: int | str | None = None,
     overlap: int | None = None,
     tiling: str = "blend",
+    stats: str = "auto",
+    stats_window: int | None = None,
     batch_size: int = 4,
     device: str = "auto",
     precision: str = "auto",
@@ -161,7 +163,8 @@ def run(
     (both process-wide: only when asked). `precision="auto"` means fp32 for
     `tiling="published"` and for scoring against `gt`, where numbers must be the
     paper's; elsewhere the precision measured accurate for the checkpoint
-    (`derestore.precision`). Video clips among the inputs are restored frame by
+    (`derestore.precision`). `stats` and `stats_window`: the network's statistics (see
+    `load`); `auto` is global for `tiling="published"`. Video clips among the inputs are restored frame by
     frame (`derestore.video`): `video_codec`, `crf` or `bitrate` for the output,
     `frames_dir` for numbered PNG frames instead, `temporal` to smooth flicker;
     `skip_existing` resumes an interrupted clip. `ray` runs the images on a Ray
@@ -187,6 +190,7 @@ def run(
     elif ray_workers is not None:
         raise UsageError("ray_workers is only meaningful with a Ray address (ray='local', 'auto' or 'ray://…')")
     tile = api.check_tiling(tile, overlap, tiling)
+    api.check_statistics(tiling, stats)
     max_pixels = api.check_max_pixels(max_pixels)
     # A Ray run's device is the workers', not this machine's: here only its spelling is checked.
     api.check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size,
@@ -212,9 +216,11 @@ def run(
     loaded: Model | None = None
     if precision == "auto" and (tiling == "published" or gt is not None):
         precision = "fp32"  # reproducing or measuring a paper's numbers: no half-precision shortcut
+    if stats == "auto" and tiling == "published":
+        stats = "global"  # the paper's network
     load_options = {"task": task, "model": model, "weights": weights, "device": device, "precision": precision,
                     "batch_size": batch_size, "layout": layout, "compile": compile, "tune_kernels": tune_kernels,
-                    "backend": backend}
+                    "backend": backend, "stats": stats, "stats_window": stats_window}
     step_options = {"tile": tile, "overlap": overlap, "tiling": tiling, "max_pixels": max_pixels}
     options = {**load_options, **step_options, "ext": ext, "suffix": suffix, "keep_tree": keep_tree,
                "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast,
@@ -295,6 +301,7 @@ def _local(jobs: list[Job], model: Model, step_options: dict[str, Any], truth: G
         return restored
 
     fingerprint = {"sha256": model.sha256, **{k: step_options[k] for k in ("tile", "overlap", "tiling")},
+                   "statistics": model.engine.conversion.record() if model.engine.conversion else None,
                    "precision": model.engine.precision}
     for group in _runs_of_a_kind(jobs):
         if fail_fast and failed():
@@ -372,6 +379,7 @@ def _write_record(path: Path, report: RunReport, model: Model | None, task: str 
         "device": model.devices if model and engine else options["device"],
         "precision": engine.precision if engine else options["precision"],
         "precision_probe": asdict(engine.verdict) if engine and engine.verdict else None,
+        "statistics": engine.conversion.record() if engine and engine.conversion else None,
         "threads": report.threads,
         "ray": report.cluster,
         "options": {**options,

@@ -13,7 +13,10 @@ wide centred in each shared strip, where the two neighbours cross-fade with a
 raised-cosine ramp. Every pixel that gets a non-zero weight lies at least
 `overlap // 2` pixels inside its window, so for a convolutional model whose
 receptive radius is at most `overlap / 2` the stitched output equals the
-whole-image output (up to float rounding).
+whole-image output (up to float rounding). A narrower `feather` keeps pixels
+further inside: with `feather=0` each seam is a cut through the middle of the
+shared strip and every kept pixel lies at least `overlap` pixels inside its
+window (for models whose tiles equal the whole image given that context).
 """
 
 from __future__ import annotations
@@ -103,13 +106,14 @@ def axis_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list
         count += 1
 
 
-def axis_weights(length: int, tile: int, starts: list[int], overlap: int) -> list[np.ndarray]:
-    """Per-window weights along one axis; they sum to 1 at every position of [0, length)."""
+def axis_weights(length: int, tile: int, starts: list[int], feather: int) -> list[np.ndarray]:
+    """Per-window weights along one axis, cross-fading over `feather` pixels in the middle of each
+    shared strip; they sum to 1 at every position of [0, length)."""
     weights = [np.zeros(tile, dtype=np.float32) for _ in starts]
     # cuts[i] = (fade_start, fade_end) of the seam between window i and i+1, in image coordinates
     cuts = []
     # Fade zones of consecutive seams must not meet, or three windows would share a pixel.
-    fade = min([overlap] + [b - a for a, b in zip(starts, starts[1:])])
+    fade = min([feather] + [b - a for a, b in zip(starts, starts[1:])])
     for a, b in zip(starts, starts[1:]):
         shared = a + tile - b
         lo = b + (shared - fade) // 2
@@ -135,8 +139,10 @@ def _ramp(pos: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.sin(0.5 * np.pi * t) ** 2
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int, rule: SizeRule = SizeRule()) -> TilePlan:
-    """Lay tiles of `tile` pixels (0 = whole image) over an image of `height`×`width`.
+def plan_tiles(height: int, width: int, tile: int, overlap: int, rule: SizeRule = SizeRule(),
+               feather: int | None = None) -> TilePlan:
+    """Lay tiles of `tile` pixels (0 = whole image) over an image of `height`×`width`, neighbours
+    sharing at least 2·`overlap` pixels, cross-faded over `feather` pixels (default `overlap`).
 
     Tiles are clipped to the padded image, rounded down to the model's multiple
     and made square when the model requires it (the image is then padded up to
@@ -144,6 +150,7 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, rule: SizeRule 
     """
     if tile < 0 or overlap < 0:
         raise ValueError("tile and overlap must not be negative")
+    feather = overlap if feather is None else feather
     ph, pw = padded_size(height, width, rule)
     if tile == 0:
         th, tw = ph, pw
@@ -169,8 +176,8 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, rule: SizeRule 
         padded_height=ph,
         padded_width=pw,
         windows=tuple(windows),
-        row_weights=tuple(axis_weights(ph, th, ys, overlap)),
-        col_weights=tuple(axis_weights(pw, tw, xs, overlap)),
+        row_weights=tuple(axis_weights(ph, th, ys, feather)),
+        col_weights=tuple(axis_weights(pw, tw, xs, feather)),
         row_index=tuple(row_index),
         col_index=tuple(col_index),
     )

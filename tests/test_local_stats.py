@@ -336,3 +336,117 @@ def test_conversion_record_names_window_reach_and_replacements():
     assert conversion.record() == {"stats": "local", "window": 144, "cell": 1, "reach": 72, "align": 8,
                                    "replaced": {"pool": 7}}
     assert local_stats.context(conversion, margin=16) == 72 + 36
+
+
+# --------------------------------------------------------------------------- through load, run and the CLI
+
+
+def checkpoint(tmp_path, arch: str):
+    from .conftest import save_checkpoint
+
+    return save_checkpoint(tmp_path / f"{arch.lower()}.pth", small(arch).model.state_dict(), "params")
+
+
+def restore(model, x: torch.Tensor, tile: int, overlap: int | None = None) -> np.ndarray:
+    out, _ = model.restore_array(x[0].numpy(), tile=tile, overlap=overlap)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["NAFNet", "Restormer", "MPRNet"])
+def test_loaded_with_local_statistics_every_tile_size_gives_the_whole_image(tmp_path, arch):
+    import derestore
+
+    path = checkpoint(tmp_path, arch)
+    x = image(192, 224, seed=6)
+    model = derestore.load(weights=path, device="cpu", backend="torch", stats="local", stats_window=48)
+    assert model.stats == "local" and model.engine.conversion.window == 48
+    whole = restore(model, x, 0)
+    for tile in (32, 64):
+        assert model.engine.plan(192, 224, tile, model.overlap).tiled
+        assert np.abs(restore(model, x, tile) - whole).max() <= 1e-4  # measured up to 5.5e-5 (Restormer)
+    published = derestore.load(weights=path, device="cpu", backend="torch", stats="global")
+    assert published.stats == "global"
+    assert np.abs(restore(published, x, 96) - restore(published, x, 0)).max() > 1e-3
+
+
+def test_local_tiles_carry_the_context_on_top_of_the_tile_and_cut_in_the_middle(tmp_path):
+    import derestore
+
+    model = derestore.load(weights=checkpoint(tmp_path, "NAFNet"), device="cpu", backend="torch",
+                           stats="local", stats_window=48)
+    context = local_stats.context(model.engine.conversion, 32 // 2)
+    plan = model.engine.plan(400, 400, 64, 32)
+    sides = {(w.y1 - w.y0, w.x1 - w.x0) for w in plan.windows}
+    side = -(-(64 + 2 * context) // 8) * 8 if (64 + 2 * context) % 8 else 64 + 2 * context
+    assert sides <= {(s, t) for s in (side, side - 8, side + 8) for t in (side, side - 8, side + 8)}
+    assert all(w.y0 % 8 == 0 and w.x0 % 8 == 0 for w in plan.windows)  # the conversion's align
+    weights = plan.row_weights[0]
+    assert set(np.unique(weights)) <= {0.0, 1.0}  # a cut, no feather
+    kept = np.flatnonzero(plan.row_weights[1])
+    assert kept.min() >= context and len(weights) - 1 - kept.max() >= context
+
+
+def test_auto_picks_the_records_statistics_and_published_tiling_gets_the_papers(tmp_path):
+    import derestore
+
+    assert derestore.load(model="lite-derain", device="cpu", backend="torch").stats == "local"
+    assert derestore.load(model="lite-desnow", device="cpu", backend="torch").stats == "global"
+    infos = {i["name"]: i for i in derestore.api.list_models("derain")}
+    assert (infos["lite-derain"]["stats"], infos["lite-derain"]["stats_window"]) == ("local", 576)
+    assert (infos["drsformer-rain200h"]["stats"], infos["drsformer-rain200h"]["stats_window"]) == ("global", None)
+    from .conftest import write_images
+
+    write_images(tmp_path / "in", 1, size=40)
+    for tiling, stats in (("blend", "local"), ("published", "global")):
+        report = derestore.run([str(tmp_path / "in")], tmp_path / tiling, model="lite-derain", device="cpu",
+                               tiling=tiling, backend="torch")
+        assert report.exit_code == 0
+        record = __import__("json").loads(report.record.read_text())
+        assert record["statistics"]["stats"] == stats
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"stats": "median"}, "stats='median' is not one of auto, local, global"),
+    ({"stats": "local", "tiling": "published"}, "tiling='published' replays the paper's network"),
+    ({"stats_window": 0}, "stats_window=0: give the window's side in pixels"),
+])
+def test_bad_statistics_options_are_refused_before_any_image(tmp_path, kwargs, words):
+    import derestore
+
+    from .conftest import write_images
+
+    write_images(tmp_path / "in", 1)
+    with pytest.raises(UsageError, match=re.escape(words)):
+        derestore.run([str(tmp_path / "in")], tmp_path / "out", model="lite-derain", device="cpu", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_statistics_are_refused_where_unknown_and_on_onnxruntime(dncnn_ckpt, tmp_path):
+    import derestore
+
+    with pytest.raises(UsageError, match="stats='local': local statistics are not available for DnCNN"):
+        derestore.load(weights=dncnn_ckpt, device="cpu", stats="local")
+    assert derestore.load(weights=dncnn_ckpt, device="cpu", backend="torch").stats == "global"
+    with pytest.raises(UsageError, match="backend='onnxruntime': local statistics .* use stats='global'"):
+        derestore.load(weights=checkpoint(tmp_path, "NAFNet"), device="cpu", stats="local",
+                       backend="onnxruntime")
+
+
+def test_cli_stats_flags_and_their_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from derestore.cli import app
+
+    from .conftest import write_images
+
+    write_images(tmp_path / "in", 1, size=40)
+    runner = CliRunner()
+    res = runner.invoke(app, ["derain", str(tmp_path / "in"), "-o", str(tmp_path / "a"), "--stats", "local",
+                              "--tiling", "published", "-m", "lite-derain"])
+    assert res.exit_code == 2 and "--tiling 'published' replays the paper's network" in res.output
+    assert "--stats 'global'" in res.output and not (tmp_path / "a").exists()
+    res = runner.invoke(app, ["derain", str(tmp_path / "in"), "-o", str(tmp_path / "b"), "--stats", "global",
+                              "--backend", "torch", "-m", "lite-derain"])
+    assert res.exit_code == 0, res.output
+    record = __import__("json").loads((tmp_path / "b" / "derestore-run.json").read_text())
+    assert record["statistics"]["stats"] == "global"

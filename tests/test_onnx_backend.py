@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 pytest.importorskip("onnxruntime")
 
 import derestore  # noqa: E402
-from derestore import onnx_backend  # noqa: E402
+from derestore import onnx_backend, stats_choice  # noqa: E402
 from derestore.engine import Engine  # noqa: E402
 from derestore.errors import ModelUnavailable, UsageError  # noqa: E402
 from derestore.loading import load_model, sha256_file  # noqa: E402
@@ -30,6 +30,13 @@ MATCH = 1e-5
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DERESTORE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache" / "onnx"
+
+
+@pytest.fixture(autouse=True)
+def published_statistics(monkeypatch):
+    """These tests are about the backend of the published network: NAFNet with global statistics
+    (local ones stay on PyTorch, see tests/test_local_stats.py)."""
+    monkeypatch.setitem(stats_choice.DEFAULT_STATS, "NAFNet", "global")
 
 
 @pytest.fixture
@@ -403,3 +410,25 @@ def test_export_usage_errors_exit_2(tmp_path, naf, args, words):
     res = invoke("export", *args)
     assert res.exit_code == 2 and words in res.stderr, res.output
     assert naf.read_bytes() == before and not (tmp_path / "x.onnx").exists()
+
+
+def test_local_statistics_keep_auto_on_pytorch_and_say_why(naf, onnx_faster, exports, caplog):
+    caplog.set_level("INFO", logger="derestore")
+    model = derestore.load(weights=naf, device="cpu", stats="local")
+    assert model.engine.backend == "torch" and exports == []
+    assert any("backend: torch (local statistics pick their windows by the input's size" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_export_writes_the_published_network_whatever_the_records_statistics(tmp_path, monkeypatch):
+    monkeypatch.setitem(stats_choice.DEFAULT_STATS, "NAFNet", "local")
+    target = tmp_path / "lite.onnx"
+    res = invoke("export", "lite-derain", "-o", target, "-q")
+    assert res.exit_code == 0, res.output
+    ort = onnx_backend.onnxruntime()
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    x = image(640, 640, seed=2)[None]  # larger than lite-derain's 576 px local window
+    published = derestore.load(model="lite-derain", device="cpu", backend="torch", stats="global")
+    expected, _ = published.restore_array(x[0], tile=0)
+    out = session.run(None, {session.get_inputs()[0].name: x})[0][0]
+    assert np.abs(out - expected).max() <= MATCH

@@ -50,7 +50,8 @@ FLAGS = {
     "shard": "--shard", "skip_existing": "--skip-existing", "suffix": "--suffix", "tile": "--tile",
     "tiling": "--tiling", "weights": "--weights", "workers": "--workers", "video_codec": "--video-codec",
     "crf": "--crf", "bitrate": "--bitrate", "frames_dir": "--frames-dir", "temporal": "--temporal",
-    "seed": "--seed", "resamples": "--resamples",
+    "seed": "--seed", "resamples": "--resamples", "backend": "--backend", "stats": "--stats",
+    "stats_window": "--stats-window",
 }
 _KEYWORD = re.compile(r"(?<![\w.-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=(True\b)?(?=(.?))")
 

@@ -24,7 +24,7 @@ def export_command(
     json_out: bool = typer.Option(False, "--json", help="Print what was written as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
 ) -> None:
-    """Write a model as ONNX (opset 18; batch, height and width dynamic; output clamped to [0, 1]).
+    """Write a model as ONNX (opset 18; batch, height and width dynamic; output clamped to [0, 1]; global statistics, as published).
 
     The file is written only after ONNX Runtime reproduced PyTorch on natural photo tiles (max abs difference <= 1e-4); its metadata says how to feed it (RGB or grayscale in [0, 1], the size multiple).
 
@@ -56,6 +56,7 @@ def _export(name: str | None, weights: Path | None, output: Path):  # noqa: ANN2
 
     target = export_target(output, name or weights.stem, given=[weights] if weights else [])  # type: ignore[union-attr]
     set_cpu_threads(cpu_threads())  # the application's choice, as for the task commands
+    # Global statistics: local ones pick their windows by the input's size, which the graph would freeze.
     model = api.load(model=name, weights=weights, device="cpu", precision="fp32", layout="contiguous",
-                     backend="torch")
+                     backend="torch", stats="global")
     return write_export(model.engine.descriptor, target)

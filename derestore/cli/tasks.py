@@ -19,8 +19,13 @@ TILING_HELP = (
 TILE_HELP = (
     "Tile size in pixels; 0 = the whole image at once; auto = the largest tile that fits the free memory "
     "(GPU: measured per model at start-up). Default: the model's hint (e.g. 512, DeRestormer 256). "
-    "Tiles bound memory; models with global attention or pooling (Restormer, DRSformer, MPRNet) then give "
-    "slightly tile-size-dependent results — use --tile 0 when the image fits in memory."
+    "Tiles bound memory; under --stats local each tile also carries the context its statistics need, so "
+    "tiles give the whole image's result."
+)
+STATS_HELP = (
+    "auto | local | global statistics of attention and pooling layers. local: over a window around each "
+    "pixel (TLC), so tiles equal the whole image; global: the published network. auto: per checkpoint "
+    "(`derestore models` shows it), global with --tiling published."
 )
 
 
@@ -49,6 +54,11 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
         overlap: Optional[int] = typer.Option(None, "--overlap",
                                               help="Context pixels on each side of a seam between tiles (default: model hint, 32)."),
         tiling: str = typer.Option("blend", "--tiling", help=TILING_HELP),
+        stats: str = typer.Option("auto", "--stats", help=STATS_HELP),
+        stats_window: Optional[int] = typer.Option(None, "--stats-window",
+                                                   help="Side in pixels of the local-statistics window (default: "
+                                                        "the model's record, else 1.5 × its training crop).",
+                                                   show_default=False),
         batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass. Example: --batch-size 8"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps; several GPUs: cuda:all or cuda:0,1,3 (one model replica per GPU, one queue of inputs). auto: CUDA, else Apple MPS, else CPU."),
         precision: str = typer.Option("auto", "--precision",
@@ -104,7 +114,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
             report = api.run(
                 inputs or [], output, task=task.name, model=model, weights=weights, recursive=recursive,
                 from_list=from_list, keep_tree=keep_tree, ext=ext, suffix=suffix, tile=tile, overlap=overlap,
-                tiling=tiling, batch_size=batch_size, device=device, precision=precision, layout=layout,
+                tiling=tiling, stats=stats, stats_window=stats_window, batch_size=batch_size, device=device, precision=precision, layout=layout,
                 compile=compile_model, backend=backend, skip_existing=skip_existing, shard=shard, fail_fast=fail_fast,
                 max_pixels=imageio.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
                 gt=gt, protocol=protocol, crop_border=crop_border, threads=cpu_threads(), tune_kernels=True, video_codec=video_codec, crf=crf, bitrate=bitrate,

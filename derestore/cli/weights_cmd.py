@@ -85,7 +85,8 @@ def _print_table(infos: list[dict[str, Any]]) -> None:
     from rich.text import Text
 
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("task", "name", "arch", "dataset", "default", "cached", "size", "licence", "pinned", "download"):
+    for column in ("task", "name", "arch", "dataset", "default", "stats", "cached", "size", "licence", "pinned",
+                   "download"):
         table.add_column(column, no_wrap=column in ("name", "task"))
     for info in infos:
         if info["pinned"]:
@@ -98,6 +99,7 @@ def _print_table(infos: list[dict[str, Any]]) -> None:
             info["arch"],
             info["dataset"],
             "✓" if info["default"] else "",
+            f"local {info['stats_window']}" if info["stats"] == "local" else "global",
             "✓" if info["cached"] else "",
             _human(info["size"]),
             info["license"].split(";", 1)[0],
