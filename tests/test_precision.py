@@ -238,7 +238,7 @@ def test_auto_tile_under_a_real_cgroup_memory_limit(tmp_path):
     code = (
         "import os, derestore\n"
         f"open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
-        f"model = derestore.load(weights={str(ckpt)!r}, device='cpu')\n"
+        f"model = derestore.load(weights={str(ckpt)!r}, device='cpu', stats='global')\n"
         "from derestore.engine import free_memory\n"
         "print(free_memory(model.engine.device), model.engine.auto_tile(8000, 6000))\n"
     )
@@ -248,7 +248,7 @@ def test_auto_tile_under_a_real_cgroup_memory_limit(tmp_path):
         group.rmdir()
     assert done.returncode == 0, done.stderr
     free, tile = map(int, done.stdout.split())
-    model = derestore.load(weights=ckpt, device="cpu")
+    model = derestore.load(weights=ckpt, device="cpu", stats="global")
     bpp = model.engine.bytes_per_pixel()
     assert 0 < free < 768 << 20  # the cgroup's headroom, not the host's gigabytes
     assert tile == fit_tile(8000, 6000, bpp, AUTO_TILE_BUDGET * free, 4) < model.engine.auto_tile(8000, 6000)
