@@ -282,8 +282,10 @@ def main() -> None:
             del descriptor
 
         t0 = time.perf_counter()
+        typical = derestore.api.parse_tile(args.tile)
         model = derestore.load(weights=ckpt, device=args.device, precision=args.precision, batch_size=args.batch,
-                               layout=args.layout, tune_kernels=True, backend=args.backend, stats=args.stats)
+                               layout=args.layout, tune_kernels=True, backend=args.backend, stats=args.stats,
+                               typical_tile=typical if isinstance(typical, int) else None)
         load_seconds = time.perf_counter() - t0
         tile = derestore.api.parse_tile(args.tile)
         rss_model = PeakRSS.now()  # the model is loaded; what follows is the pipeline's own memory

@@ -42,6 +42,7 @@ STATS = ("auto", "local", "global")
 AUTO = "auto"
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
+PHOTO_SIDE = 1024  # a whole photo's long side, for timing (engine rows are capped at 768)
 
 
 @dataclass
@@ -272,7 +273,7 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
          compile: bool = False, offline: bool | None = None, registry: Registry | None = None,
          download_progress: Callable[[str, int, int | None], None] | None = None,
          tune_kernels: bool = False, backend: str = "auto", stats: str = "auto",
-         stats_window: int | None = None) -> Model:
+         stats_window: int | None = None, typical_tile: int | None = None) -> Model:
     """Resolve a task / registry name / checkpoint file to a ready-to-run model.
 
     Precedence: `weights` (a file), then `model` (a registry name), then the task's default.
@@ -284,7 +285,9 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
     the record's, else 1.5 × the architecture's training crop), which make tiled output equal
     whole-image output; global ones are the published network's; auto picks per checkpoint
     (`derestore.local_stats`). A ModelUnavailable raised for a registry model lists in
-    `alternatives` the bundled models of the same task, which need no download.
+    `alternatives` the bundled models of the same task, which need no download. `typical_tile`: the
+    tile most runs will use (0: whole photos), the size at which quick networks time their backend
+    and layout (default: the model's tile hint).
     """
     check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size,
                          backend=backend)
@@ -337,11 +340,16 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
 
         sha256 = sha256_file(path)
     conversion = _convert(loaded.descriptor, stats, stats_window or (record.stats_window if record else None))
+    tile = _hint(registry, record, loaded.arch, "tile", DEFAULT_TILE)
+    if typical_tile is None:
+        typical_tile = tile
+    elif typical_tile == 0:
+        typical_tile = PHOTO_SIDE
     # One replica per device (e.g. per GPU), each with its own copy of the weights.
     descriptors = [loaded.descriptor] + [copy.deepcopy(loaded.descriptor) for _ in devices[1:]]
     replicas = [Engine.create(d, device=spec, precision=precision, batch_size=batch_size, layout=layout,
                               compile=compile, tune_kernels=tune_kernels, checkpoint_sha256=sha256,
-                              backend=backend, conversion=conversion)
+                              backend=backend, conversion=conversion, tile_hint=typical_tile)
                 for d, spec in zip(descriptors, devices)]
     return Model(
         name=name,
@@ -349,7 +357,7 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         replicas=replicas,
         checkpoint=path,
         record=record,
-        tile=_hint(registry, record, loaded.arch, "tile", DEFAULT_TILE),
+        tile=tile,
         overlap=_hint(registry, record, loaded.arch, "overlap", DEFAULT_OVERLAP),
         _sha256=sha256,
     )

@@ -190,7 +190,7 @@ class Engine:
     def create(cls, descriptor: ImageModelDescriptor, *, device: str = "auto", precision: str = "auto",
                batch_size: int = 4, layout: str = "auto", compile: bool = False,
                tune_kernels: bool = False, checkpoint_sha256: str | None = None,
-               backend: str = "auto", conversion: Conversion | None = None) -> "Engine":
+               backend: str = "auto", conversion: Conversion | None = None, tile_hint: int = 512) -> "Engine":
         """`precision="auto"`: fp32, or on a device with half types the one measured accurate for this
         checkpoint (`derestore.precision`; the verdict is cached by `checkpoint_sha256`).
         `tune_kernels`: let cuDNN pick the fastest kernels for each input shape — a process-wide
@@ -198,6 +198,7 @@ class Engine:
         `backend`: torch, onnxruntime (fp32), or auto — ONNX Runtime where the checkpoint's export measured
         exact and faster on this machine, and under `layout="auto"` PyTorch's layout measured on this CPU
         (`derestore.onnx_backend`; both need `checkpoint_sha256` to cache the measurement by).
+        `tile_hint`: the side the model usually runs at, where quick networks are timed.
         `conversion`: what `local_stats.apply` made of the network; tiles then carry the context its
         statistics need, and a network whose behaviour follows the tile's place stays on PyTorch."""
         from . import precision as measured
@@ -249,10 +250,11 @@ class Engine:
             log.info("backend: torch (%s)", pinned)
             backend = "torch"
         if backend != "torch" or layout == "auto":
-            engine._choose_backend(backend, layout == "auto", checkpoint_sha256, compile)
+            engine._choose_backend(backend, layout == "auto", checkpoint_sha256, compile, tile_hint)
         return engine
 
-    def _choose_backend(self, backend: str, layout_auto: bool, sha256: str | None, compile: bool) -> None:
+    def _choose_backend(self, backend: str, layout_auto: bool, sha256: str | None, compile: bool,
+                        tile_hint: int) -> None:
         """Hand `_call` to ONNX Runtime where asked or measured better, and take PyTorch's measured layout."""
         from . import onnx_backend
 
@@ -263,7 +265,7 @@ class Engine:
         if compile:
             return  # a layout timed without compilation says nothing about the compiled network
         choice = onnx_backend.choose(self.descriptor, self.device, backend=backend, sha256=sha256,
-                                     channels_last=self.channels_last, layout_auto=layout_auto)
+                                     channels_last=self.channels_last, layout_auto=layout_auto, tile=tile_hint)
         if choice.channels_last != self.channels_last:
             self.channels_last = choice.channels_last
             self.descriptor.model.to(memory_format=torch.channels_last if self.channels_last

@@ -10,7 +10,12 @@ the result by), derestore measures how to run it fastest there:
    not see (a graph with a shape frozen in by tracing fails here); the largest
    absolute difference must be at most 1e-4;
 3. timing: one 256×256 tile through ONNX Runtime and through PyTorch — on the
-   CPU in both memory layouts, whose winner `layout="auto"` then uses.
+   CPU in both memory layouts, whose winner `layout="auto"` then uses; where
+   that takes under half a second, once more at the size the model usually
+   runs (its tile hint, at most 768 rows: a photo or a tile), because the
+   ranking changes with size (NAFNet w16 on a 2-core EPYC: channels_last
+   1.2× faster than ONNX Runtime at 512², ONNX Runtime 1.5× faster at
+   1024×768).
 
 `backend="auto"` picks ONNX Runtime when 1 and 2 passed and 3 measured it
 faster; otherwise PyTorch, with the reason logged. The export is cached under
@@ -64,6 +69,9 @@ MARGIN = 1.05
 # Large enough that activations leave the CPU caches, as in real tiles: at 128² PyTorch's unfused
 # channels_last NAFNet beat ONNX Runtime here, at 256² and up it was 2–15× slower.
 TIMING_SIDE = 256
+# A network this quick at TIMING_SIDE is timed again at its working size (see the module docstring).
+STEP_UP_SECONDS = 0.5
+WORK_ROWS = 768
 INPUT, OUTPUT = "image", "restored"
 # How long a process waits for another one measuring the same checkpoint before measuring itself.
 LOCK_WAIT_SECONDS = 1800.0
@@ -109,14 +117,16 @@ def _round_up(value: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class ProbeShapes:
-    """Input shapes of the export (traced), the verification (another batch, height and width) and the timing."""
+    """Input shapes of the export (traced), the verification (another batch, height and width), the
+    timing, and the working size (`tile`, the model's usual forward) where quick networks are timed again."""
 
     export: tuple[int, int, int, int]
     verify: tuple[int, int, int, int]
     timing: tuple[int, int, int, int]
+    work: tuple[int, int, int, int]
 
     @classmethod
-    def of(cls, descriptor: ImageModelDescriptor) -> ProbeShapes:
+    def of(cls, descriptor: ImageModelDescriptor, tile: int = TIMING_SIDE) -> ProbeShapes:
         req = descriptor.size_requirements
         m, c = req.multiple_of, descriptor.input_channels
         side = _round_up(max(req.minimum, 64), m)
@@ -124,7 +134,10 @@ class ProbeShapes:
         step = _round_up(17, m)
         tall, wide = (side + step, side + step) if req.square else (side + step, side + 2 * step)
         timing = _round_up(max(req.minimum, TIMING_SIDE), m)
-        return cls((1, c, side, side), (2, c, tall, wide), (1, c, timing, timing))
+        tile = max(tile, timing)
+        rows = tile if req.square else min(tile, _round_up(WORK_ROWS, m))
+        return cls((1, c, side, side), (2, c, tall, wide), (1, c, timing, timing),
+                   (1, c, rows, _round_up(tile, m)))
 
 
 def probe_batch(shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
@@ -498,9 +511,10 @@ class Choice:
 
 
 def choose(descriptor: ImageModelDescriptor, device: torch.device, *, backend: str, sha256: str | None,
-           channels_last: bool, layout_auto: bool) -> Choice:
+           channels_last: bool, layout_auto: bool, tile: int = TIMING_SIDE) -> Choice:
     """The backend for `descriptor` on `device` (`auto`: ONNX Runtime where exact and faster) and, on the
-    CPU under `layout_auto`, PyTorch's faster layout; measured at first use, cached under `sha256`.
+    CPU under `layout_auto`, PyTorch's faster layout; measured at first use (quick networks at `tile`,
+    the side they usually run at), cached under `sha256`.
 
     `backend="onnxruntime"` insists: where ONNX Runtime is missing or has no provider for the device it
     raises UsageError, where the network does not export exactly ExportError."""
@@ -522,16 +536,18 @@ def choose(descriptor: ImageModelDescriptor, device: torch.device, *, backend: s
             if provider is not None:
                 log.info("backend: torch (no checkpoint digest to cache a measurement under)")
             return Choice(None, channels_last)
-        verdict, data = _measure(descriptor, device, "", provider, channels_last=channels_last, layouts=False)
+        verdict, data = _measure(descriptor, device, "", provider, channels_last=channels_last, layouts=False,
+                                 tile=tile)
         return _decide(descriptor, verdict, data, provider, backend, channels_last, layout_auto, fresh=True)
     machine = machine_name(device)
     # A measurement of layouts alone (backend="torch", or no onnxruntime) is keyed as made without it.
     version = ort.__version__ if provider is not None else None
 
-    probe = "×".join(map(str, ProbeShapes.of(descriptor).timing))
+    shapes = ProbeShapes.of(descriptor, tile)
+    probes = {"×".join(map(str, shapes.timing)), "×".join(map(str, shapes.work))}
 
     def sufficient(found: Verdict | None) -> bool:
-        return (found is not None and found.probe == probe and (provider is None or found.provider is not None)
+        return (found is not None and found.probe in probes and (provider is None or found.provider is not None)
                 and (not want_layout or found.faster_layout() is not None))
 
     verdict, data, fresh = cached(sha256, machine, version), None, False
@@ -540,7 +556,7 @@ def choose(descriptor: ImageModelDescriptor, device: torch.device, *, backend: s
             verdict = cached(sha256, machine, version)
             if not sufficient(verdict):
                 verdict, data = _measure(descriptor, device, sha256, provider, channels_last=channels_last,
-                                         layouts=want_layout)
+                                         layouts=want_layout, tile=tile)
                 _save(verdict, data)
                 fresh = True
     assert verdict is not None
@@ -577,22 +593,29 @@ def _decide(descriptor: ImageModelDescriptor, verdict: Verdict, data: bytes | No
 
 
 def _measure(descriptor: ImageModelDescriptor, device: torch.device, sha256: str, provider: Provider | None, *,
-             channels_last: bool, layouts: bool) -> tuple[Verdict, bytes | None]:
+             channels_last: bool, layouts: bool, tile: int = TIMING_SIDE) -> tuple[Verdict, bytes | None]:
     """Export, verify and time (see the module docstring); returns the verdict and the verified export."""
     started = time.perf_counter()
     ort = onnxruntime() if provider is not None else None
-    shapes = ProbeShapes.of(descriptor)
+    shapes = ProbeShapes.of(descriptor, tile)
     what = " and ".join(w for w, on in (("ONNX Runtime", provider is not None), ("memory layouts", layouts)) if on)
     log.info("first use of this %s checkpoint here: timing %s against PyTorch (once; cached in %s)",
              descriptor.architecture.id, what, cache_folder())
-    x = probe_batch(shapes.timing, _device(descriptor))
     current = "channels_last" if channels_last else "contiguous"
-    candidates: dict[str, Callable[[], object]] = {current: _torch_call(descriptor, descriptor.model, x, current)}
-    if layouts:
-        # A copy in the other layout: converting the weights back and forth would be timed too.
-        other = "contiguous" if channels_last else "channels_last"
-        copy = _copy_in_layout(descriptor.model, other)
-        candidates[other] = _torch_call(descriptor, copy, x, other)
+    other = "contiguous" if channels_last else "channels_last"
+    # A copy in the other layout: converting the weights back and forth would be timed too.
+    copy = _copy_in_layout(descriptor.model, other) if layouts else None
+    network: OnnxNetwork | None = None
+
+    def candidates_on(shape: tuple[int, int, int, int]) -> dict[str, Callable[[], object]]:
+        x = probe_batch(shape, _device(descriptor))
+        calls: dict[str, Callable[[], object]] = {current: _torch_call(descriptor, descriptor.model, x, current)}
+        if copy is not None:
+            calls[other] = _torch_call(descriptor, copy, x, other)
+        if network is not None:
+            calls["onnxruntime"] = functools.partial(network, x)
+        return calls
+
     data: bytes | None = None
     export_error = diff = export_seconds = None
     if provider is not None:
@@ -606,17 +629,21 @@ def _measure(descriptor: ImageModelDescriptor, device: torch.device, sha256: str
             export_error, data = str(exc), None
         except Exception as exc:  # the graph exported, but ONNX Runtime refuses or fails it
             export_error, data = f"ONNX Runtime cannot run the exported graph ({_brief(exc)})", None
-        if data is not None and diff is not None and diff <= TOLERANCE:
-            candidates["onnxruntime"] = functools.partial(network, x)
-        else:
-            data = None
+        if data is None or diff is None or diff > TOLERANCE:
+            data, network = None, None
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    probe, seconds = shapes.timing, {}
     with torch.inference_mode():
-        seconds = time_candidates(candidates, sync=sync) if len(candidates) > 1 else {}
+        candidates = candidates_on(probe)
+        if len(candidates) > 1:
+            seconds = time_candidates(candidates, sync=sync)
+            if max(seconds.values()) < STEP_UP_SECONDS and shapes.work[2] * shapes.work[3] > probe[2] * probe[3]:
+                probe = shapes.work
+                seconds = time_candidates(candidates_on(probe), sync=sync)
     verdict = Verdict(
         sha256=sha256, machine=machine_name(device), onnxruntime=ort.__version__ if ort is not None else None,
         provider=provider.name if provider is not None else None, opset=OPSET, versions=_versions(),
-        seconds=seconds, probe="×".join(map(str, shapes.timing)), export_error=export_error,
+        seconds=seconds, probe="×".join(map(str, probe)), export_error=export_error,
         max_abs_diff=None if diff is None else float(f"{diff:.3g}"),
         onnx_sha256=hashlib.sha256(data).hexdigest() if data is not None else None,
         export_seconds=export_seconds, measure_seconds=round(time.perf_counter() - started, 2))

@@ -220,12 +220,13 @@ def run(
         stats = "global"  # the paper's network
     load_options = {"task": task, "model": model, "weights": weights, "device": device, "precision": precision,
                     "batch_size": batch_size, "layout": layout, "compile": compile, "tune_kernels": tune_kernels,
-                    "backend": backend, "stats": stats, "stats_window": stats_window}
+                    "backend": backend, "stats": stats, "stats_window": stats_window,
+                    "typical_tile": tile if isinstance(tile, int) else None}
     step_options = {"tile": tile, "overlap": overlap, "tiling": tiling, "max_pixels": max_pixels}
     options = {**load_options, **step_options, "ext": ext, "suffix": suffix, "keep_tree": keep_tree,
                "skip_existing": skip_existing, "shard": shard, "fail_fast": fail_fast,
                "video": asdict(clip_options)}
-    for key in ("task", "model", "weights"):
+    for key in ("task", "model", "weights", "typical_tile"):
         options.pop(key)
     try:
         try:

@@ -432,3 +432,33 @@ def test_export_writes_the_published_network_whatever_the_records_statistics(tmp
     expected, _ = published.restore_array(x[0], tile=0)
     out = session.run(None, {session.get_inputs()[0].name: x})[0][0]
     assert np.abs(out - expected).max() <= MATCH
+
+
+@pytest.mark.parametrize("first,typical,probes", [
+    (0.1, 0, ["1×3×256×256", "1×3×768×1024"]),  # quick: timed again as a whole photo
+    (0.1, 384, ["1×3×256×256", "1×3×384×384"]),  # quick: timed again at the tile runs will use
+    (0.9, 0, ["1×3×256×256"]),  # slow at 256²: that measurement stands
+])
+def test_quick_networks_are_timed_again_at_their_working_size(naf, cache, monkeypatch, first, typical, probes):
+    shapes = []
+    real = onnx_backend.probe_batch
+
+    def recording(shape, device):
+        shapes.append("×".join(map(str, shape)))
+        return real(shape, device)
+
+    calls = []
+
+    def fake(candidates, **_):
+        calls.append(len(calls))
+        slow = first if len(calls) == 1 else 1.0
+        return {"contiguous": slow, "channels_last": slow, "onnxruntime": slow / 2}
+
+    monkeypatch.setattr(onnx_backend, "probe_batch", recording)
+    monkeypatch.setattr(onnx_backend, "time_candidates", fake)
+    model = derestore.load(weights=naf, device="cpu", typical_tile=typical)
+    timed = [s for s in shapes if s.startswith("1×") and int(s.split("×")[2]) >= 256]  # not the export's
+    assert timed == probes and model.engine.backend_verdict.probe == probes[-1]
+    shapes.clear()
+    again = derestore.load(weights=naf, device="cpu", typical_tile=typical)  # the cached verdict suffices
+    assert shapes == [] and again.engine.backend == "onnxruntime"
