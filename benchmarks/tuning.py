@@ -7,12 +7,14 @@ fresh subprocess, on this machine's CPU:
 
 - the peak-RSS growth from a 256² to a 384² forward, i.e. activation bytes per
   input pixel (derestore/tuning.py's BYTES_PER_PIXEL table);
-- the forward time at 256×256 in PyTorch, contiguous and channels_last, and in
-  ONNX Runtime on the exported graph, alternated `--repeat` times (median);
+- the forward time at 256×256 (or `--size HxW`) in PyTorch, contiguous and
+  channels_last, and in ONNX Runtime on the exported graph, alternated
+  `--repeat` times (median);
 - whether the export works and is exact (max abs difference from PyTorch on
   derestore's verification probe) and what it costs;
 - derestore's own first-use measurement (`derestore.onnx_backend.choose` with
-  an empty cache): its verdict and how long the first run pays for it.
+  an empty cache, timing at the `--size` width as the working tile): its
+  verdict and how long the first run pays for it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 
-def measure(name: str, repeat: int, threads: int) -> dict[str, object]:
+def measure(name: str, repeat: int, threads: int, size: tuple[int, int] = (256, 256)) -> dict[str, object]:
     import spandrel
     import torch
 
@@ -60,7 +62,8 @@ def measure(name: str, repeat: int, threads: int) -> dict[str, object]:
         network = onnx_backend.OnnxNetwork(data, onnx_backend.provider_for(torch.device("cpu"), []), descriptor)
         row["max_abs_diff"] = float(f"{onnx_backend.verify(descriptor, network):.2g}")
 
-    x = torch.rand(1, 3, 256, 256)
+    x = torch.rand(1, 3, *size)
+    row["size"] = f"{size[0]}x{size[1]}"
     layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     times: dict[str, list[float]] = {k: [] for k in [*layouts, *(["onnxruntime"] if network else [])]}
     with torch.inference_mode():
@@ -85,7 +88,7 @@ def measure(name: str, repeat: int, threads: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as home:
         os.environ["DERESTORE_HOME"] = home
         choice = onnx_backend.choose(descriptor, torch.device("cpu"), backend="auto", sha256="0" * 64,
-                                     channels_last=False, layout_auto=True)
+                                     channels_last=False, layout_auto=True, tile=size[1])
     verdict = choice.verdict
     row["first_use"] = {"backend": "onnxruntime" if choice.network else "torch",
                         "channels_last": choice.channels_last, "seconds": verdict.measure_seconds,
@@ -99,15 +102,17 @@ def main() -> None:
                                                   "dtpnet", "nafnet16"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", default="256x256", help="HxW of the timed input")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
     if args.one:
-        print(json.dumps(measure(args.one, args.repeat, args.threads)))
+        print(json.dumps(measure(args.one, args.repeat, args.threads, size)))  # type: ignore[arg-type]
         return
     rows = []
     for name in args.models:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--repeat", str(args.repeat),
-                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+                              "--threads", str(args.threads), "--size", args.size], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print("\nBYTES_PER_PIXEL =", {r["arch"]: r["bytes_per_pixel"] for r in rows})
