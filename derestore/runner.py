@@ -352,7 +352,12 @@ def _consume(results: Iterator[Result], handle: Callable[[Result], None]) -> Non
         try:
             if interrupt is not None:
                 pending, interrupt = interrupt, None
-                result = results.throw(pending)  # type: ignore[attr-defined]
+                try:
+                    result = results.throw(pending)  # type: ignore[attr-defined]
+                finally:
+                    # The exception's traceback holds this frame: a reference cycle that would keep the
+                    # pipeline, and the model with it, alive until a garbage collection (or exit).
+                    del pending
             else:
                 result = next(results)
         except StopIteration:

@@ -176,3 +176,28 @@ def test_an_interrupt_in_the_event_handler_finishes_the_writes_in_flight_before_
     assert 1 < len(written) < 6
     assert sorted(r.output.name for r in finished if r.status == "ok") == written
     assert report.ok == len(written)
+
+
+def test_an_interrupted_run_leaves_no_reference_cycle_holding_the_model(tmp_path, ckpt):
+    """A model kept alive until interpreter shutdown is torn down there (ONNX Runtime aborted the
+    process doing so: "terminate called without an active exception", exit -6 instead of 130)."""
+    import gc
+    import weakref
+
+    write_images(tmp_path / "in", 4, size=24)
+    loaded = []
+
+    def on_event(event):
+        if isinstance(event, Loaded):
+            loaded.append(weakref.ref(event.model))
+        if isinstance(event, Finished):
+            raise KeyboardInterrupt
+
+    gc.disable()  # freed by reference counting alone, or not at all
+    try:
+        report = derestore.run([str(tmp_path / "in")], tmp_path / "out", weights=ckpt, device="cpu",
+                               on_event=on_event)
+        assert report.interrupted
+        assert loaded and loaded[0]() is None
+    finally:
+        gc.enable()

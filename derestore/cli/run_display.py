@@ -31,7 +31,9 @@ class RunDisplay:
     def __init__(self, *, quiet: bool, json_out: bool) -> None:
         self.quiet = quiet
         self.json_out = json_out
-        self.model: Any = None
+        # The model's name and digest for the JSON records, not the model: a display that outlives the run
+        # must not keep its network (and an ONNX Runtime session) alive until the interpreter shuts down.
+        self.model_keys: dict[str, Any] = {}
         self.live = console.is_terminal and not console.is_dumb_terminal and not quiet and not json_out
         self.progress: Progress | None = None
         self.images: TaskID | None = None
@@ -53,7 +55,7 @@ class RunDisplay:
         if isinstance(event, Planned):
             self._start(len(event.jobs))
         elif isinstance(event, Loaded):
-            self.model = event.model
+            self.model_keys = {"model": event.model.name, "sha256": event.model.sha256}
             if self.progress is not None and self.images is not None:
                 self.progress.start_task(self.images)
             if not self.quiet:
@@ -137,7 +139,7 @@ class RunDisplay:
             say("note", note)
         if self.json_out:
             record = result.record()
-            record.update(model=self.model.name, sha256=self.model.sha256)
+            record.update(self.model_keys)
             emit_json(record)
 
     def summary(self, report: RunReport, output: Path, protocol: str) -> None:
