@@ -203,3 +203,25 @@ def test_codec_and_bitrate_options_reach_the_encoder(tmp_path, ckpt):
     assert res.exit_code == 0, res.stderr
     with av.open(str(tmp_path / "out" / "clip.mkv")) as container:
         assert container.streams.video[0].codec_context.name == "ffv1"
+
+
+def test_whole_frames_share_forward_passes_only_off_pytorch_on_the_cpu(dncnn_ckpt, monkeypatch):
+    import derestore
+    from derestore.engine import Engine
+
+    calls = []
+    real = Engine.restore_batch
+
+    def counting(self, images, dtype=None):
+        calls.append(len(images))
+        return real(self, images, dtype)
+
+    monkeypatch.setattr(Engine, "restore_batch", counting)
+    frames = [np.full((24, 32, 3), 40 * i, np.uint8) for i in range(4)]
+    model = derestore.load(weights=dncnn_ckpt, device="cpu", backend="torch")
+    one_by_one, _ = model.restore_frames(frames, tile=0)
+    assert calls == []  # PyTorch on a CPU: a batch of frames measured slower than one at a time
+    monkeypatch.setattr(Engine, "backend", property(lambda self: "onnxruntime"))
+    shared, _ = model.restore_frames(frames, tile=0)
+    assert calls == [4]
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(one_by_one, shared))
