@@ -272,7 +272,7 @@ def _hint(registry: Registry, record: ModelRecord | None, arch: str, field_name:
 
 
 def load(*, task: str | None = None, model: str | None = None, weights: str | Path | None = None,
-         device: str = "auto", precision: str = "auto", batch_size: int = 4, layout: str = "auto",
+         device: str = "auto", precision: str = "auto", batch_size: int | None = None, layout: str = "auto",
          compile: bool = False, offline: bool | None = None, registry: Registry | None = None,
          download_progress: Callable[[str, int, int | None], None] | None = None,
          tune_kernels: bool = False, backend: str = "auto", stats: str = "auto",
@@ -390,7 +390,7 @@ def _loads_as(record: ModelRecord) -> Callable[[Path], None]:
 
 
 def check_engine_options(*, device: str = "auto", precision: str = "auto", layout: str = "auto",
-                         batch_size: int = 4, local: bool = True, backend: str = "auto") -> None:
+                         batch_size: int | None = None, local: bool = True, backend: str = "auto") -> None:
     """Refuse a bad device, precision, layout, batch size or backend before anything is loaded.
 
     `local`: the device must exist here; otherwise (a cluster's workers) only its spelling is checked.
@@ -406,7 +406,7 @@ def check_engine_options(*, device: str = "auto", precision: str = "auto", layou
         raise UsageError(f"precision='{precision}' is not one of {', '.join(PRECISIONS)}")
     if layout not in LAYOUTS:
         raise UsageError(f"layout='{layout}' is not one of {', '.join(LAYOUTS)}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError(f"batch_size={batch_size}: must be at least 1")
     check_backend(backend, precision)
 

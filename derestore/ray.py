@@ -495,7 +495,7 @@ class Restorer:
 
     def __init__(self, task: str | None = None, *, model: str | None = None, weights: str | Path | None = None,
                  tile: int | str | None = None, overlap: int | None = None, tiling: str = "blend",
-                 precision: str = "auto", device: str = "auto", batch_size: int = 4, layout: str = "auto",
+                 precision: str = "auto", device: str = "auto", batch_size: int | None = None, layout: str = "auto",
                  column: str = "image") -> None:
         from . import api
 

@@ -130,7 +130,7 @@ def run(
     tiling: str = "blend",
     stats: str = "auto",
     stats_window: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     precision: str = "auto",
     layout: str = "auto",
@@ -198,7 +198,7 @@ def run(
     jobs = api.plan(inputs or [], output, recursive=recursive, ext=ext, suffix=suffix, keep_tree=keep_tree,
                     from_list=from_list, shard=shard, frames_dir=frames_dir)
     clip_options = VideoOptions(codec=video_codec, crf=crf, bitrate=bitrate, frames_dir=frames_dir,
-                                temporal=temporal, batch=batch_size)
+                                temporal=temporal, **({"batch": batch_size} if batch_size else {}))
     if any(job.video for job in jobs):
         if ray is not None:
             raise UsageError("video clips are restored on this machine only; run them without ray=")
@@ -392,7 +392,8 @@ def _write_record(path: Path, report: RunReport, model: Model | None, task: str 
                     "tile": options["tile"] if options["tile"] is not None or model is None else model.tile,
                     "overlap": options["overlap"] if options["overlap"] is not None or model is None
                     else model.overlap,
-                    "channels_last": engine.channels_last if engine else None},
+                    "channels_last": engine.channels_last if engine else None,
+                    "batch_size": engine.batch_size if engine else options["batch_size"]},
         "counts": report.counts(),
     }
     if report.metrics is not None:

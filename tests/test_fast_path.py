@@ -111,3 +111,12 @@ def test_engine_keeps_channels_last_off_for_restormer():
     engine = Engine.create(ModelLoader().load_from_state_dict(net.state_dict()), device="cpu")
     assert engine.descriptor.architecture.id == "Restormer"
     assert not engine.channels_last  # measured 2x slower in channels_last on the CPU
+
+
+def test_batch_size_defaults_to_one_tile_per_pass_for_pytorch_on_a_cpu(naf, tmp_path):
+    assert derestore.load(weights=naf, device="cpu", backend="torch").engine.batch_size == 1
+    assert derestore.load(weights=naf, device="cpu", backend="torch", batch_size=4).engine.batch_size == 4
+    fast = derestore.load(weights=naf, device="cpu", backend="onnxruntime", stats="global")
+    assert fast.engine.batch_size == 4  # ONNX Runtime gains from batches
+    with pytest.raises(derestore.errors.UsageError, match="batch_size=0: must be at least 1"):
+        derestore.load(weights=naf, device="cpu", batch_size=0)

@@ -34,7 +34,7 @@ def test_events_arrive_in_order_with_tiles_of_the_tiled_image(tmp_path, ckpt):
     PILImage.fromarray(to_uint(smooth_image(100, 100))).save(tmp_path / "in" / "wide.png")
     events = []
     report = derestore.run([str(tmp_path / "in")], tmp_path / "out", weights=ckpt, tile=32, overlap=8,
-                           device="cpu", on_event=events.append)
+                           batch_size=4, device="cpu", on_event=events.append)
     assert report.exit_code == 0 and (report.ok, report.failed, report.total) == (3, 0, 3)
     kinds = [type(e).__name__ for e in events]
     assert kinds[:2] == ["Planned", "Loaded"] and len(events[0].jobs) == 3
@@ -101,7 +101,7 @@ def test_a_pipe_gets_lines_and_no_redraws(tmp_path, ckpt):
 
 def test_a_terminal_gets_a_progress_display(tmp_path):
     slow = save_checkpoint(tmp_path / "slow.pth", dncnn_state(nc=16, nb=8), "params")
-    write_images(tmp_path / "in", 6, size=200)
+    write_images(tmp_path / "in", 6, size=400)  # slow enough per image for the display to draw its tiles
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(cli_command("derain", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--weights",
                                         str(slow), "--tile", "64", "--overlap", "8"),
@@ -124,7 +124,7 @@ def test_a_terminal_gets_a_progress_display(tmp_path):
     assert proc.returncode == 0
     assert "\r" in text or "\x1b[" in shown.decode("utf-8", "replace")  # redrawn in place
     assert re.search(r"images .* \d/6", text) and "ETA" in text
-    assert re.search(r"img00\d\.png \(200×200\) .* \d+/16 tiles", text)  # the bar of a 4×4-tile image
+    assert re.search(r"img00\d\.png \(400×400\) .* \d+/64 tiles", text)  # the bar of an 8×8-tile image
 
 
 def test_tile_and_overlap_that_cannot_be_laid_out_are_refused_before_any_image(tmp_path, ckpt):

@@ -59,7 +59,10 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
                                                    help="Side in pixels of the local-statistics window (default: "
                                                         "the model's record, else 1.5 × its training crop).",
                                                    show_default=False),
-        batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass. Example: --batch-size 8"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size",
+                                                 help="Tiles (or small video frames) per forward pass. Default: 1 "
+                                                      "with PyTorch on a CPU, where batches measured slower; else 4.",
+                                                 show_default=False),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps; several GPUs: cuda:all or cuda:0,1,3 (one model replica per GPU, one queue of inputs). auto: CUDA, else Apple MPS, else CPU."),
         precision: str = typer.Option("auto", "--precision",
                                       help="auto | fp32 | fp16 | bf16. auto: fp32 on CPU, with --gt and with --tiling published; on a GPU the half type measured accurate (>= 45 dB against fp32) for this checkpoint by a one-time probe, else fp32."),
