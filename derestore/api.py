@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import imageio
+from . import imageio, stats_choice
 from .errors import DeviceFailure, ModelUnavailable, UsageError
 from .pipeline import (Job, Result, Scorer, Step, TileProgress, discover, parse_shard, plan_jobs, read_list,
                        remove_stale_temp_files, run_jobs)
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 evaluate = evaluate_folders
 
 TILINGS = ("blend", "published")
-STATS = ("auto", "local", "global")
 AUTO = "auto"
+STATS = (AUTO, *stats_choice.STATS)
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 32
 PHOTO_SIDE = 1024  # a whole photo's long side, for timing (engine rows are capped at 768)
@@ -178,9 +178,8 @@ class Model:
             if size == AUTO:
                 size = engine.auto_tile(height, width, overlap)
             whole = tiling == "blend" and not engine.plan(height, width, size, overlap).tiled  # type: ignore[arg-type]
-            # Whole frames share forward passes on GPUs and ONNX Runtime; PyTorch on a CPU ran a batch of
-            # 640×360 frames at half the speed of one frame at a time (lite-derain, 2-core EPYC).
-            shared = not (engine.device.type == "cpu" and engine.backend == "torch")
+            # Whole frames share forward passes where the engine batches (not PyTorch on a CPU by default).
+            shared = engine.batch_size > 1
             outs = self._batched(engine, arrays) if whole and shared and len(arrays) > 1 else None
             if outs is None:
                 outs = []
@@ -370,12 +369,8 @@ def _convert(descriptor: object, stats: str, window: int | None) -> object:
     """The network in the statistics asked for (auto: the architecture's and record's choice)."""
     from . import local_stats
 
-    arch = descriptor.architecture.id  # type: ignore[attr-defined]
     if stats == AUTO:
-        stats = local_stats.default_stats(arch, window)
-    elif stats == "local" and not local_stats.supports(arch):
-        raise UsageError(f"stats='local': local statistics are not available for {arch} (they are for "
-                         f"{', '.join(local_stats.TRAIN_SIZE)}); use stats='global'")
+        stats = local_stats.default_stats(descriptor.architecture.id, window)  # type: ignore[attr-defined]
     return local_stats.apply(descriptor, stats=stats, window=window or None)  # type: ignore[arg-type]
 
 

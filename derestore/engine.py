@@ -253,8 +253,8 @@ class Engine:
         if backend != "torch" or layout == "auto":
             engine._choose_backend(backend, layout == "auto", checkpoint_sha256, compile, tile_hint)
         if batch_size is None and dev.type == "cpu" and engine.backend == "torch":
-            # PyTorch on a CPU ran 4 tiles (or frames) per pass 1.6–2× slower than one at a time
-            # (lite NAFNet, 256² tiles and 640×360 frames, 2-core EPYC); ONNX Runtime gained from 4.
+            # PyTorch on a CPU ran 4 tiles (or whole video frames) per pass 1.6–2× slower than one at a
+            # time (lite NAFNet, 256² tiles and 640×360 frames, 2-core EPYC); ONNX Runtime gained from 4.
             engine.batch_size = 1
         return engine
 
@@ -304,7 +304,7 @@ class Engine:
     def context(self, overlap: int) -> int:
         """Pixels a tile carries around the part it contributes: under local statistics their reach on
         top of the convolutional context (`overlap // 2`), so that tiles equal the whole image."""
-        if self.conversion is None or self.conversion.stats != "local":
+        if self.stats != "local":
             return overlap // 2
         return local_stats.context(self.conversion, overlap // 2)
 

@@ -453,6 +453,11 @@ def apply(descriptor: ImageModelDescriptor, *, stats: str = "local", window: int
     if stats not in STATS:
         raise UsageError(f"stats='{stats}' is not one of {', '.join(STATS)}")
     arch = descriptor.architecture.id
+    if stats == "local" and not supports(arch):
+        # Checked here, not only by `window_for`: with a window given, a network whose global
+        # operations this module does not know would be converted only in part.
+        raise UsageError(f"stats='local': local statistics are not available for {arch} (they are for "
+                         f"{', '.join(TRAIN_SIZE)}); use stats='global'")
     model = descriptor.model
     _revert(model)
     split_lines = arch == "MPRNet"

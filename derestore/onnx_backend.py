@@ -311,25 +311,25 @@ def time_candidates(candidates: dict[str, Callable[[], object]], *, min_rounds: 
     `long_call` seconds or more (their one-time costs are small beside that; heavy networks then pay
     the timing once). Rounds go on until each candidate ran `min_seconds` in all (short calls are noisy),
     or end early after a round that one candidate won by `clear_win`× in calls of 0.1 s or more."""
-    warm = {}
-    for name, run in candidates.items():
-        started = time.perf_counter()
-        run()
-        sync()
-        warm[name] = time.perf_counter() - started
+    def one_round() -> dict[str, float]:
+        seconds = {}
+        for name, run in candidates.items():
+            started = time.perf_counter()
+            run()
+            sync()
+            seconds[name] = time.perf_counter() - started
+        return seconds
+
+    warm = one_round()
     if min(warm.values()) >= long_call:
         return {name: round(seconds, 4) for name, seconds in warm.items()}
     best = {name: math.inf for name in candidates}
     total = dict.fromkeys(candidates, 0.0)
     for done in range(1, max_rounds + 1):
-        this_round = {}
-        for name, run in candidates.items():
-            started = time.perf_counter()
-            run()
-            sync()
-            this_round[name] = time.perf_counter() - started
-            best[name] = min(best[name], this_round[name])
-            total[name] += this_round[name]
+        this_round = one_round()
+        for name, seconds in this_round.items():
+            best[name] = min(best[name], seconds)
+            total[name] += seconds
         ordered = sorted(this_round.values())
         if len(ordered) > 1 and ordered[1] > clear_win * ordered[0] >= clear_win * 0.1:
             break

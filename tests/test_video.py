@@ -205,7 +205,7 @@ def test_codec_and_bitrate_options_reach_the_encoder(tmp_path, ckpt):
         assert container.streams.video[0].codec_context.name == "ffv1"
 
 
-def test_whole_frames_share_forward_passes_only_off_pytorch_on_the_cpu(dncnn_ckpt, monkeypatch):
+def test_whole_frames_share_forward_passes_only_where_the_engine_batches(dncnn_ckpt, monkeypatch):
     import derestore
     from derestore.engine import Engine
 
@@ -221,7 +221,7 @@ def test_whole_frames_share_forward_passes_only_off_pytorch_on_the_cpu(dncnn_ckp
     model = derestore.load(weights=dncnn_ckpt, device="cpu", backend="torch")
     one_by_one, _ = model.restore_frames(frames, tile=0)
     assert calls == []  # PyTorch on a CPU: a batch of frames measured slower than one at a time
-    monkeypatch.setattr(Engine, "backend", property(lambda self: "onnxruntime"))
-    shared, _ = model.restore_frames(frames, tile=0)
+    batched = derestore.load(weights=dncnn_ckpt, device="cpu", backend="torch", batch_size=4)
+    shared, _ = batched.restore_frames(frames, tile=0)
     assert calls == [4]
     assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(one_by_one, shared))
