@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "benchmarks"))
 
 from derestore import local_stats, metrics
-from derestore.engine import Engine, reflect_pad
-from derestore.tiling import SizeRule, axis_starts, padded_size
+from derestore.engine import Engine
+from derestore.tiling import SizeRule, axis_starts, padded_size, reflect_pad
 
 ARCHS = ("NAFNet", "Restormer", "MPRNet", "M3SNet", "DRSformer", "DTPNet", "DeRestormer")
 MARGIN = 16  # the convolutional share of the registry's overlap hint (32): the engine keeps overlap // 2
@@ -203,7 +203,7 @@ def quality(args: argparse.Namespace) -> None:
         conversion = local_stats.apply(descriptor, stats="local", window=record.stats_window)
         context = local_stats.context(conversion, MARGIN)
         multiple = math.lcm(descriptor.size_requirements.multiple_of, conversion.align)
-        xp = reflect_pad(torch.from_numpy(chw)[None], *padded_size(h, w, SizeRule(multiple)))
+        xp = torch.from_numpy(reflect_pad(chw[None], *padded_size(h, w, SizeRule(multiple))))
         timed("local whole", functools.partial(whole, descriptor, xp))
         for t in tiles:
             name = f"local tile {t}"
@@ -240,7 +240,7 @@ def exactness(args: argparse.Namespace) -> None:
     for arch in args.archs.split(","):
         descriptor = random_descriptor(arch)
         multiple = math.lcm(descriptor.size_requirements.multiple_of, 16)  # every conversion's `align` divides 16
-        xp = reflect_pad(x, *padded_size(args.height, args.width, SizeRule(multiple, square=arch == "DeRestormer")))
+        xp = torch.from_numpy(reflect_pad(x.numpy(), *padded_size(args.height, args.width, SizeRule(multiple, square=arch == "DeRestormer"))))
         engine = Engine.create(descriptor, device="cpu", precision="fp32")
         reference = whole(descriptor, xp)
         out = torch.from_numpy(engine.restore(xp[0].numpy(), tile=args.tile, overlap=32))[None]

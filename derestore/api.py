@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import imageio, stats_choice
+from . import imageio, onnx_engine, stats_choice
 from .errors import DeviceFailure, ModelUnavailable, UsageError
 from .pipeline import (Job, Result, Scorer, Step, TileProgress, discover, parse_shard, plan_jobs, read_list,
                        remove_stale_temp_files, run_jobs)
@@ -81,7 +81,7 @@ class Model:
 
     @property
     def arch(self) -> str:
-        return self.engine.descriptor.architecture.id
+        return self.engine.arch
 
     @property
     def stats(self) -> str:
@@ -91,7 +91,7 @@ class Model:
     @property
     def sha256(self) -> str:
         if self._sha256 is None:
-            from .loading import sha256_file
+            from .hub import sha256_file
 
             self._sha256 = sha256_file(self.checkpoint)
         return self._sha256
@@ -112,9 +112,7 @@ class Model:
 
     def _restore_on(self, engine: Engine, image: np.ndarray, tile: int | str | None, overlap: int | None,
                     tiling: str, on_tiles: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[str]]:
-        import torch
-
-        from .engine import is_device_failure, is_out_of_memory
+        from .tiled_engine import is_device_failure, is_out_of_memory
 
         tile = self.tile if tile is None else tile
         overlap = self.overlap if overlap is None else overlap
@@ -131,7 +129,9 @@ class Model:
                 smaller = _halve_tile(tile, image.shape[1:], overlap)  # type: ignore[arg-type]
                 if not is_out_of_memory(exc) or smaller is None:
                     raise
-                if engine.device.type == "cuda":
+                if engine.device_type == "cuda":
+                    import torch
+
                     torch.cuda.empty_cache()
                 self._say_once(notes, "oom", f"out of memory at tile {tile or 'whole image'}; "
                                              f"retrying with smaller tiles (first retry: {smaller})")
@@ -139,7 +139,9 @@ class Model:
         if engine.compile_seconds is not None:
             self._say_once(notes, "compile", f"torch.compile: the first forward pass took "
                                              f"{engine.compile_seconds:.1f} s, compilation included")
-        if engine.dtype != torch.float32 and _broken(out, image):
+        if engine.precision != "fp32" and _broken(out, image):
+            import torch
+
             out = self._run(engine, image, tile, overlap, tiling, torch.float32, on_tiles)  # type: ignore[arg-type]
             self._say_once(notes, "half", f"{engine.precision} output was NaN/Inf or black; "
                                           "redone in fp32 (precision='fp32' skips the first attempt)")
@@ -151,11 +153,11 @@ class Model:
             raise UsageError(f"tiling='{tiling}' is not one of {', '.join(TILINGS)}")
         check_statistics(tiling, engine.stats)
         if tiling == "published":
+            if self.arch not in stats_choice.PUBLISHED_WINDOW_ARCHS:
+                return engine.restore(image, tile=0, dtype=dtype)
             from .archs import PUBLISHED_WINDOWS
 
-            window_fn = PUBLISHED_WINDOWS.get(self.arch)
-            if window_fn is None:
-                return engine.restore(image, tile=0, dtype=dtype)
+            window_fn = PUBLISHED_WINDOWS[self.arch]
             windows = functools.partial(window_fn, max_batch=engine.batch_size)
             return engine.restore(image, tile=tile, window_fn=windows, dtype=dtype)
         return engine.restore(image, tile=tile, overlap=overlap, dtype=dtype, on_tiles=on_tiles)
@@ -192,7 +194,7 @@ class Model:
     def _batched(self, engine: Engine, arrays: list[np.ndarray]) -> list[np.ndarray] | None:
         """Several whole frames per forward pass; None (restore them one by one, with the out-of-memory
         and half-precision fallbacks) when that fails or a half-precision result is broken."""
-        from .engine import is_device_failure
+        from .tiled_engine import is_device_failure
 
         try:
             outs = engine.restore_batch(arrays)
@@ -275,7 +277,7 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
          compile: bool = False, offline: bool | None = None, registry: Registry | None = None,
          download_progress: Callable[[str, int, int | None], None] | None = None,
          tune_kernels: bool = False, backend: str = "auto", stats: str = "auto",
-         stats_window: int | None = None, typical_tile: int | None = None) -> Model:
+         stats_window: int | None = None, typical_tile: int | None = None, threads: int | None = None) -> Model:
     """Resolve a task / registry name / checkpoint file to a ready-to-run model.
 
     Precedence: `weights` (a file), then `model` (a registry name), then the task's default.
@@ -289,7 +291,11 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
     (`derestore.local_stats`). A ModelUnavailable raised for a registry model lists in
     `alternatives` the bundled models of the same task, which need no download. `typical_tile`: the
     tile most runs will use (0: whole photos), the size at which quick networks time their backend
-    and layout (default: the model's tile hint).
+    and layout (default: the model's tile hint). `threads`: the CPU threads to run with — PyTorch's are
+    process-wide and set only when given; ONNX Runtime's are its session's (default: torch's).
+
+    Where a checkpoint's first use on this machine chose ONNX Runtime on the CPU, later loads run its
+    cached export without importing torch or reading the checkpoint (`derestore.onnx_engine`).
     """
     check_engine_options(device=device, precision=precision, layout=layout, batch_size=batch_size,
                          backend=backend)
@@ -305,9 +311,6 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UsageError(f"weights={path}: no such file; check the path")
-        from .loading import load_model
-
-        loaded = load_model(path)
         name = path.stem
     else:
         if model is not None:
@@ -325,10 +328,25 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         except ModelUnavailable as exc:
             exc.alternatives = [m.name for m in registry.for_task(record.task) if m.bundled and m is not record]
             raise
-        from .loading import load_model
-
-        loaded = load_model(path, container=record.container, expected_arch=record.arch)
         name = record.name
+    if backend != "torch" and not compile and precision in ("auto", "fp32") and onnx_engine.cpu_only(device):
+        from .hub import sha256_file
+
+        sha256 = record.sha256 if record is not None and record.sha256 else sha256_file(path)
+        found = _open_cached(registry, record, sha256, backend=backend, layout=layout, stats=stats,
+                             stats_window=stats_window, typical_tile=typical_tile, batch_size=batch_size,
+                             threads=threads)
+        if found is not None:
+            return Model(name=name, engine=found, checkpoint=path, record=record,
+                         tile=_hint(registry, record, found.arch, "tile", DEFAULT_TILE),
+                         overlap=_hint(registry, record, found.arch, "overlap", DEFAULT_OVERLAP), _sha256=sha256)
+    from .loading import load_model
+
+    loaded = load_model(path, container=record.container, expected_arch=record.arch) if record else load_model(path)
+    if threads is not None:
+        from .engine import set_cpu_threads
+
+        set_cpu_threads(threads)
     from .engine import Engine, choose_device, parse_devices
     from .precision import half_types
 
@@ -338,15 +356,12 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
     # So is the backend's and layout's first-use measurement (`derestore.onnx_backend`).
     if sha256 is None and (precision != "auto" or backend != "torch" or layout == "auto"
                            or any(half_types(choose_device(d)) for d in devices)):
-        from .loading import sha256_file
+        from .hub import sha256_file
 
         sha256 = sha256_file(path)
     conversion = _convert(loaded.descriptor, stats, stats_window or (record.stats_window if record else None))
     tile = _hint(registry, record, loaded.arch, "tile", DEFAULT_TILE)
-    if typical_tile is None:
-        typical_tile = tile
-    elif typical_tile == 0:
-        typical_tile = PHOTO_SIDE
+    typical_tile = _typical(typical_tile, tile)
     # One replica per device (e.g. per GPU), each with its own copy of the weights.
     descriptors = [loaded.descriptor] + [copy.deepcopy(loaded.descriptor) for _ in devices[1:]]
     replicas = [Engine.create(d, device=spec, precision=precision, batch_size=batch_size, layout=layout,
@@ -363,6 +378,28 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
         overlap=_hint(registry, record, loaded.arch, "overlap", DEFAULT_OVERLAP),
         _sha256=sha256,
     )
+
+
+def _typical(typical_tile: int | None, tile: int) -> int:
+    """The side quick networks are timed at: `typical_tile`, the model's tile hint, or for 0 a photo's."""
+    if typical_tile is None:
+        return tile
+    return PHOTO_SIDE if typical_tile == 0 else typical_tile
+
+
+def _open_cached(registry: Registry, record: ModelRecord | None, sha256: str, *, backend: str, layout: str,
+                 stats: str, stats_window: int | None, typical_tile: int | None, batch_size: int | None,
+                 threads: int | None) -> Engine | None:
+    """The engine of the checkpoint's cached ONNX export where its first use here chose it (else None)."""
+    threads = onnx_engine.threads_for(threads)
+    verdict = onnx_engine.cached_verdict(sha256, threads)
+    if verdict is None or verdict.network is None:
+        return None
+    arch = verdict.network.architecture
+    return onnx_engine.open_cached(
+        verdict, threads=threads, backend=backend, layout=layout, stats=stats,
+        stats_window=stats_window or (record.stats_window if record else None), batch_size=batch_size,
+        tile=_typical(typical_tile, _hint(registry, record, arch, "tile", DEFAULT_TILE)))
 
 
 def _convert(descriptor: object, stats: str, window: int | None) -> object:
@@ -389,14 +426,18 @@ def check_engine_options(*, device: str = "auto", precision: str = "auto", layou
     """Refuse a bad device, precision, layout, batch size or backend before anything is loaded.
 
     `local`: the device must exist here; otherwise (a cluster's workers) only its spelling is checked.
+    The CPU is checked without importing torch (a cached ONNX export may run without it).
     """
-    from .engine import LAYOUTS, PRECISIONS, check_backend, choose_device, parse_device, parse_devices
+    from .tiled_engine import LAYOUTS, PRECISIONS, check_backend
 
-    for one in parse_devices(device) if local else device.split(","):
-        if local:
-            choose_device(one)
-        else:
-            parse_device(one)
+    if device not in ("auto", "cpu"):
+        from .engine import choose_device, parse_device, parse_devices
+
+        for one in parse_devices(device) if local else device.split(","):
+            if local:
+                choose_device(one)
+            else:
+                parse_device(one)
     if precision not in PRECISIONS:
         raise UsageError(f"precision='{precision}' is not one of {', '.join(PRECISIONS)}")
     if layout not in LAYOUTS:

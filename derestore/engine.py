@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import local_stats, tuning
 from .errors import UsageError
-from .tiling import SizeRule, TilePlan, fit_tile, plan_tiles, reflect_indices
+from .tiled_engine import BACKENDS as BACKENDS
+from .tiled_engine import LAYOUTS, PRECISIONS, DEFAULT_BATCH, TiledEngine, check_backend
+from .tiled_engine import cpu_threads as cpu_threads
+from .tiled_engine import is_device_failure as is_device_failure
+from .tiled_engine import is_out_of_memory as is_out_of_memory
+from .tiling import SizeRule, TilePlan
 
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
@@ -29,12 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-LAYOUTS = ("auto", "channels_last", "contiguous")
-BACKENDS = ("auto", "torch", "onnxruntime")
-# Share of the free memory `--tile auto` plans to use: allocator slack, fragmentation, the image itself.
-AUTO_TILE_BUDGET = 0.6
-DEFAULT_BATCH = 4  # tiles or frames per forward pass where batches pay (GPUs, ONNX Runtime)
 AUTO_TILE_FLOOR = 64  # under local statistics the context comes on top of this
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -106,16 +104,6 @@ def explicit_precision(spec: str, descriptor: ImageModelDescriptor) -> torch.dty
     return _DTYPES[spec]
 
 
-def check_backend(backend: str, precision: str = "auto", compile: bool = False) -> None:
-    """Refuse an unknown backend, and ONNX Runtime with what only PyTorch does (half precision, compile)."""
-    if backend not in BACKENDS:
-        raise UsageError(f"backend='{backend}' is not one of {', '.join(BACKENDS)}")
-    if backend == "onnxruntime" and precision in ("fp16", "bf16"):
-        raise UsageError(f"backend='onnxruntime' runs fp32 only; precision='{precision}' needs backend='torch'")
-    if backend == "onnxruntime" and compile:
-        raise UsageError("compile=True is PyTorch's torch.compile; it needs backend='torch', not 'onnxruntime'")
-
-
 def choose_layout(spec: str, descriptor: ImageModelDescriptor) -> bool:
     """True for channels_last: under `auto`, where measurement showed it faster for the architecture."""
     if spec not in LAYOUTS:
@@ -137,19 +125,6 @@ def free_memory(device: torch.device) -> int:
     return available_bytes()
 
 
-def cpu_threads() -> int:
-    """The CPU threads a command-line run should use: `OMP_NUM_THREADS`, else `SLURM_CPUS_PER_TASK`,
-    else every core this process may run on (its affinity mask). Invalid values are skipped."""
-    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
-        raw = os.environ.get(name, "").strip().split(",")[0]
-        if raw.isdigit() and int(raw) > 0:
-            return int(raw)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def set_cpu_threads(threads: int) -> None:
     """Process-wide: only when the caller asks (the CLI does, with `cpu_threads()`)."""
     torch.set_num_threads(threads)
@@ -160,18 +135,8 @@ def size_rule(descriptor: ImageModelDescriptor) -> SizeRule:
     return SizeRule(multiple=req.multiple_of, minimum=req.minimum, square=req.square)
 
 
-def reflect_pad(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad (B, C, h, w) at the bottom/right to (height, width) by mirroring, repeatedly if needed."""
-    h, w = x.shape[-2:]
-    if (h, w) == (height, width):
-        return x
-    rows = torch.from_numpy(reflect_indices(h, height)).to(x.device)
-    cols = torch.from_numpy(reflect_indices(w, width)).to(x.device)
-    return x.index_select(-2, rows).index_select(-1, cols)
-
-
 @dataclass
-class Engine:
+class Engine(TiledEngine):
     """A loaded model on its device, ready to restore (3, H, W) float images."""
 
     descriptor: ImageModelDescriptor
@@ -301,6 +266,19 @@ class Engine:
         """The network's statistics: local (over windows) or global (as published)."""
         return self.conversion.stats if self.conversion is not None else "global"
 
+    @property
+    def arch(self) -> str:
+        return self.descriptor.architecture.id
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def threads(self) -> int:
+        """CPU threads of the network's work: torch's, which ONNX Runtime's sessions follow too."""
+        return torch.get_num_threads()
+
     def context(self, overlap: int) -> int:
         """Pixels a tile carries around the part it contributes: under local statistics their reach on
         top of the convolutional context (`overlap // 2`), so that tiles equal the whole image."""
@@ -319,14 +297,10 @@ class Engine:
         """Tiles of `tile` pixels with `overlap` context at each seam; under local statistics `tile` is
         the part each window contributes, and the windows are `2 · context` larger, cut sharply in the
         middle of their shared strips (each side is exact there, a feather would only blur)."""
-        window, shared, feather = tile, overlap, None
-        if self.stats == "local":
-            context = self.context(overlap)
-            window, shared, feather = (tile + 2 * context if tile else 0), context, 0
-        try:
-            return plan_tiles(height, width, window, shared, self._rule(), feather)
-        except ValueError as exc:
-            raise UsageError(f"tile={tile} overlap={overlap}: {exc}") from None
+        if self.stats != "local":
+            return super().plan(height, width, tile, overlap)
+        context = self.context(overlap)
+        return self._plan(height, width, tile, overlap, tile + 2 * context if tile else 0, context, 0)
 
     def _placed(self, plan: TilePlan, windows: list) -> contextlib.AbstractContextManager:
         """MPRNet splits each window along the whole image's lines."""
@@ -344,23 +318,16 @@ class Engine:
         if self.channels_last and self.onnx is None:
             batch = batch.contiguous(memory_format=torch.channels_last)
         started = time.perf_counter() if self.compile_pending else 0.0
+        network = self.descriptor if self.onnx is None else self.onnx
         if dtype == torch.float32:
-            out = self._call(batch)
+            out = self._planes(network, batch, self.descriptor.input_channels)
         else:
             with torch.autocast(self.device.type, dtype=dtype):
-                out = self._call(batch).float()
+                out = self._planes(network, batch, self.descriptor.input_channels).float()
         if self.compile_pending:
             self.compile_pending = False
             self.compile_seconds = time.perf_counter() - started
         return out
-
-    def _call(self, batch: torch.Tensor) -> torch.Tensor:
-        """The network on (B, 3, H, W); a grayscale network restores each colour plane on its own."""
-        network = self.descriptor if self.onnx is None else self.onnx
-        if self.descriptor.input_channels != 1:
-            return network(batch)
-        b, c, h, w = batch.shape
-        return network(batch.reshape(b * c, 1, h, w)).reshape(b, c, h, w)
 
     def bytes_per_pixel(self) -> float:
         """Peak forward memory per input pixel: probed on a GPU, the measured table on the CPU."""
@@ -368,7 +335,7 @@ class Engine:
             if self.device.type == "cuda":
                 self._bytes_per_pixel = self._probe_bytes_per_pixel()
             else:
-                self._bytes_per_pixel = tuning.bytes_per_pixel(self.descriptor.architecture.id)
+                self._bytes_per_pixel = tuning.bytes_per_pixel(self.arch)
         return self._bytes_per_pixel
 
     @torch.inference_mode()
@@ -385,69 +352,47 @@ class Engine:
             peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
         return max(1.0, (peaks[1] - peaks[0]) / (sides[1] ** 2 - sides[0] ** 2))
 
+    def _free_memory(self) -> int:
+        return free_memory(self.device)
+
     def auto_tile(self, height: int, width: int, overlap: int = 32) -> int:
         """The largest tile (0 = whole image) whose passes fit in the memory free right now; under local
         statistics the windows forwarded are the tile and its context."""
-        budget = AUTO_TILE_BUDGET * free_memory(self.device)
-        side = fit_tile(height, width, self.bytes_per_pixel(), budget, self.batch_size, self._rule())
+        side = super().auto_tile(height, width, overlap)
         if side and self.stats == "local":
             side = max(AUTO_TILE_FLOOR, side - 2 * self.context(overlap))
         return side
 
-    @torch.inference_mode()
-    def restore_batch(self, images: list[np.ndarray], dtype: torch.dtype | None = None) -> list[np.ndarray]:
-        """Restore several (3, H, W) float32 images of one size whole, `batch_size` per forward pass
-        (video frames small enough to need no tiles)."""
-        c, h, w = images[0].shape
-        plan = self.plan(h, w, 0, 0)
-        outs: list[np.ndarray] = []
-        for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.stack(images[start:start + self.batch_size]))
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
-            padded = reflect_pad(x, plan.padded_height, plan.padded_width)
-            y = self._forward(padded, dtype)[:, :, :h, :w].clamp_(0, 1).cpu().numpy()
-            outs.extend(y)
-        return outs
-
-    @torch.inference_mode()
-    def restore(self, image: np.ndarray, *, tile: int = 0, overlap: int = 32,
-                window_fn: Callable[..., torch.Tensor] | None = None,
-                dtype: torch.dtype | None = None,
-                on_tiles: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Restore one (3, H, W) float32 image in [0, 1]; returns (3, H, W) float32 in [0, 1].
-
-        `window_fn` replaces blended tiling by an architecture's own published
-        window protocol (called with the model call, the image and `tile`);
-        `dtype` overrides the engine's precision for this call; `on_tiles(done, total)`
-        is called after each batch of tiles of a tiled image.
-        """
-        c, h, w = image.shape
-        x = torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0)
+    def _upload(self, image: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(image)
         if self.device.type == "cuda":
             # Pinned memory lets the copy run asynchronously; padding and tiling then happen on the device.
             x = x.pin_memory().to(self.device, non_blocking=True)
-        forward = functools.partial(self._forward, dtype=dtype)
-        if window_fn is not None:
-            out = window_fn(forward, x, tile)
-            return out.clamp_(0, 1)[0, :, :h, :w].cpu().numpy()
-        plan = self.plan(h, w, tile, overlap)
-        padded = reflect_pad(x, plan.padded_height, plan.padded_width)
-        if not plan.tiled:
-            return forward(padded)[0, :, :h, :w].cpu().numpy()
-        result = torch.zeros((c, plan.padded_height, plan.padded_width), dtype=torch.float32, device=self.device)
-        windows = list(enumerate(plan.windows))
-        for start in range(0, len(windows), self.batch_size):
-            group = windows[start:start + self.batch_size]
-            batch = torch.cat([padded[..., win.y0:win.y1, win.x0:win.x1] for _, win in group])
-            with self._placed(plan, [win for _, win in group]):
-                outputs = forward(batch)
-            for (i, win), out in zip(group, outputs):
-                weight = torch.from_numpy(plan.weight(i)).to(self.device)
-                result[:, win.y0:win.y1, win.x0:win.x1].addcmul_(out, weight)
-            if on_tiles is not None:
-                on_tiles(start + len(group), len(windows))
-        return result[:, :h, :w].clamp_(0, 1).cpu().numpy()
+        return x
+
+    def _array(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(self.device)
+
+    def _cat(self, arrays: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(arrays)
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def _take(self, x: torch.Tensor, indices: np.ndarray, axis: int) -> torch.Tensor:
+        return x.index_select(axis, torch.from_numpy(indices).to(x.device))
+
+    def _numpy(self, x: torch.Tensor) -> np.ndarray:
+        return x.clamp_(0, 1).cpu().numpy()
+
+    @torch.inference_mode()
+    def restore_batch(self, images: list[np.ndarray], dtype: torch.dtype | None = None) -> list[np.ndarray]:
+        return super().restore_batch(images, dtype)
+
+    @torch.inference_mode()
+    def restore(self, image: np.ndarray, **options: Any) -> np.ndarray:
+        """See `TiledEngine.restore`; without autograd."""
+        return super().restore(image, **options)
 
 
 def _torch_only(conversion: Conversion | None) -> str | None:
@@ -460,27 +405,3 @@ def _torch_only(conversion: Conversion | None) -> str | None:
     if conversion.split_lines:
         return "MPRNet's split lines follow each tile's place in the image, which an ONNX export freezes"
     return None
-
-
-_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
-# CUDA errors after which the context is unusable: every later call fails too.
-_FATAL_MESSAGES = ("cuda error", "device-side assert", "cublas_status", "cudnn_status_internal_error",
-                   "cuda driver", "illegal memory access", "unspecified launch failure")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Out-of-memory errors of CUDA and of the CPU allocator, which a smaller tile can avoid."""
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
-
-
-def is_device_failure(exc: BaseException) -> bool:
-    """An error that leaves the device unusable for the rest of the process (not out-of-memory)."""
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    if accelerator_error and isinstance(exc, accelerator_error) and not is_out_of_memory(exc):
-        return True
-    if not isinstance(exc, RuntimeError) or is_out_of_memory(exc):
-        return False
-    text = str(exc).lower()
-    return any(m in text for m in _FATAL_MESSAGES)

@@ -35,3 +35,7 @@ class DeviceFailure(DerestoreError):
     """The device cannot go on (a CUDA error that poisons the context): the run stops, exit 1."""
 
     exit_code = 1
+
+
+class ExportError(ModelUnavailable):
+    """The network does not export to ONNX, or the exported graph is not exact (exit 3)."""

@@ -34,7 +34,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
-from .stats_choice import DEFAULT_STATS, STATS, TRAIN_SIZE, WINDOW_FACTOR, default_stats, supports, window_for
+from .stats_choice import (DEFAULT_STATS, SPLIT_LINES, STATS, TRAIN_SIZE, WINDOW_FACTOR, Conversion, default_stats,
+                           supports, window_for)
 
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
@@ -324,28 +325,6 @@ class Site:
         return spread * self.scale
 
 
-@dataclass(frozen=True)
-class Conversion:
-    """What `apply` did, for logs and the run record."""
-
-    arch: str
-    stats: str
-    window: int | None = None  # image pixels
-    cell: int | None = None  # image pixels, attention sums
-    replaced: dict[str, int] = field(default_factory=dict)  # kind → modules
-    reach: int = 0  # the widest statistic's reach, image pixels
-    # Tiles must start (and, but for the last, measure) multiples of this, in image pixels: the cells
-    # and the deepest level's grid must fall where the whole image's do. It exceeds the model's own
-    # size multiple where a network pads inside its forward (NAFNet: 1 → 2^levels).
-    align: int = 1
-    split_lines: bool = False  # MPRNet: windows split along the image's lines (see `placed`)
-
-    def record(self) -> dict[str, object]:
-        """JSON-ready summary for the run record."""
-        return {"stats": self.stats, "window": self.window, "cell": self.cell, "reach": self.reach,
-                "align": self.align, "replaced": dict(self.replaced)}
-
-
 _LOCAL_CLASSES: dict[tuple[type, str], type] = {}
 _FORWARDS: dict[str, Callable] = {
     "pool": _pool_forward,
@@ -460,7 +439,7 @@ def apply(descriptor: ImageModelDescriptor, *, stats: str = "local", window: int
                          f"{', '.join(TRAIN_SIZE)}); use stats='global'")
     model = descriptor.model
     _revert(model)
-    split_lines = arch == "MPRNet"
+    split_lines = arch in SPLIT_LINES
     if split_lines:
         _follow_split_lines(model)
     if stats == "global":

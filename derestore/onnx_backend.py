@@ -37,17 +37,13 @@ import functools
 import hashlib
 import inspect
 import io
-import json
 import logging
 import math
-import platform
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,45 +51,32 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, atomic
-from .errors import ModelUnavailable, UsageError
+from .errors import ExportError as ExportError
+from .errors import UsageError
+from .onnx_cache import (INPUT, OPSET, OUTPUT, TIMING_SIDE, TOLERANCE, NetworkFacts, ProbeShapes, Verdict,
+                         cache_folder, cached, cpu_machine, load_export, save, versions)
+from .onnx_engine import onnxruntime as onnxruntime
+from .onnx_engine import open_session, run_failure
 
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
 
 log = logging.getLogger(__name__)
 
-OPSET = 18
-TOLERANCE = 1e-4  # max abs difference from PyTorch on [0, 1] images
-# A backend or layout must be this much faster to be chosen: below it, timing noise decides.
-MARGIN = 1.05
-# Large enough that activations leave the CPU caches, as in real tiles: at 128² PyTorch's unfused
-# channels_last NAFNet beat ONNX Runtime here, at 256² and up it was 2–15× slower.
-TIMING_SIDE = 256
 # A network this quick at TIMING_SIDE is timed again at its working size (see the module docstring).
 STEP_UP_SECONDS = 0.5
-WORK_ROWS = 768
-INPUT, OUTPUT = "image", "restored"
 # How long a process waits for another one measuring the same checkpoint before measuring itself.
 LOCK_WAIT_SECONDS = 1800.0
 _LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-class ExportError(ModelUnavailable):
-    """The network does not export to ONNX, or the exported graph is not exact (exit 3)."""
+def machine_name(device: torch.device) -> str:
+    """What a speed measurement holds for: the CPU model and torch's thread count, or the GPU's name."""
+    if device.type == "cpu":
+        return cpu_machine(torch.get_num_threads())
+    from .precision import device_name
 
-
-def onnxruntime() -> ModuleType | None:
-    """The onnxruntime module, or None where it or onnx (which the exporter writes with) is not installed:
-    then PyTorch runs everything."""
-    import importlib.util
-
-    if importlib.util.find_spec("onnx") is None:
-        return None
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    return ort
+    return device_name(device)
 
 
 # ---------------------------------------------------------------- export and session
@@ -109,35 +92,6 @@ class _Exportable(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.call(self.model, x).clamp(0, 1)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-@dataclass(frozen=True)
-class ProbeShapes:
-    """Input shapes of the export (traced), the verification (another batch, height and width), the
-    timing, and the working size (`tile`, the model's usual forward) where quick networks are timed again."""
-
-    export: tuple[int, int, int, int]
-    verify: tuple[int, int, int, int]
-    timing: tuple[int, int, int, int]
-    work: tuple[int, int, int, int]
-
-    @classmethod
-    def of(cls, descriptor: ImageModelDescriptor, tile: int = TIMING_SIDE) -> ProbeShapes:
-        req = descriptor.size_requirements
-        m, c = req.multiple_of, descriptor.input_channels
-        side = _round_up(max(req.minimum, 64), m)
-        # Odd where the rule allows: a network that pads itself (NAFNet) runs its padding in the graph too.
-        step = _round_up(17, m)
-        tall, wide = (side + step, side + step) if req.square else (side + step, side + 2 * step)
-        timing = _round_up(max(req.minimum, TIMING_SIDE), m)
-        tile = max(tile, timing)
-        rows = tile if req.square else min(tile, _round_up(WORK_ROWS, m))
-        return cls((1, c, side, side), (2, c, tall, wide), (1, c, timing, timing),
-                   (1, c, rows, _round_up(tile, m)))
 
 
 def probe_batch(shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor:
@@ -160,7 +114,7 @@ def probe_batch(shape: tuple[int, int, int, int], device: torch.device) -> torch
 def export(descriptor: ImageModelDescriptor) -> bytes:
     """The network as an ONNX model (opset 18, dynamic batch/height/width, clamped output), with
     derestore's notes on its input in the model's metadata; ExportError where it does not export."""
-    shapes = ProbeShapes.of(descriptor)
+    shapes = ProbeShapes.of(NetworkFacts.of(descriptor))
     sample = probe_batch(shapes.export, _device(descriptor))
     # The TorchScript exporter: it needs no onnxscript, and its graphs run exact (verified below anyway).
     options: dict[str, Any] = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -223,11 +177,6 @@ def provider_for(device: torch.device, available: list[str]) -> Provider | None:
     return None
 
 
-def _is_out_of_memory(text: str) -> bool:
-    text = text.lower()
-    return any(m in text for m in ("out of memory", "failed to allocate", "bad_alloc", "bad allocation"))
-
-
 class OnnxNetwork:
     """An ONNX Runtime session called like a spandrel descriptor: a (B, C, H, W) float tensor in, the
     restored tensor out on the same device, padded to the size rule and cropped back as spandrel does.
@@ -237,18 +186,7 @@ class OnnxNetwork:
     """
 
     def __init__(self, model: bytes, provider: Provider, descriptor: ImageModelDescriptor) -> None:
-        ort = onnxruntime()
-        assert ort is not None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # ONNX Runtime's own notes would go straight to stderr
-        providers: list[Any] = [(provider.name, provider.options)]
-        if provider.name != "CPUExecutionProvider":
-            providers.append("CPUExecutionProvider")  # nodes the accelerator lacks
-        self.session = ort.InferenceSession(model, options, providers=providers)
-        if self.session.get_providers()[0] != provider.name:
-            raise ExportError(f"ONNX Runtime's {provider.name} did not start here")
+        self.session = open_session(model, provider.name, provider.options, torch.get_num_threads())
         self.provider = provider
         self.requirements = descriptor.size_requirements
         self.scale = descriptor.scale
@@ -270,8 +208,7 @@ class OnnxNetwork:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime's errors derive from Exception only
-            text = f"ONNX Runtime: {' '.join(str(exc).split())[:300]}"
-            raise (MemoryError(text) if _is_out_of_memory(str(exc)) else RuntimeError(text)) from exc
+            raise run_failure(exc) from exc
         if pad_w or pad_h:
             out = out[..., :h * self.scale, :w * self.scale]
         return out.to(batch.device)
@@ -291,7 +228,7 @@ def verify(descriptor: ImageModelDescriptor, network: Callable[[torch.Tensor], t
            shape: tuple[int, int, int, int] | None = None) -> float:
     """The largest absolute difference between PyTorch and `network` on natural tiles in `shape`
     (default: the verification shape, which the export did not see); inf where either is not finite."""
-    x = probe_batch(shape or ProbeShapes.of(descriptor).verify, _device(descriptor))
+    x = probe_batch(shape or ProbeShapes.of(NetworkFacts.of(descriptor)).verify, _device(descriptor))
     with torch.inference_mode():
         reference = descriptor(x.clone()).float()
         out = network(x.clone()).float()
@@ -336,139 +273,6 @@ def time_candidates(candidates: dict[str, Callable[[], object]], *, min_rounds: 
         if done >= min_rounds and min(total.values()) >= min_seconds:
             break
     return {name: round(seconds, 4) for name, seconds in best.items()}
-
-
-# ---------------------------------------------------------------- the cached verdict
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What was measured for one checkpoint on one machine; `choice` derives the backend from it."""
-
-    sha256: str
-    machine: str  # "AMD EPYC (x86_64), 2 threads", or a GPU's name
-    onnxruntime: str | None  # its version; None where it is not installed
-    provider: str | None  # the execution provider measured; None: ONNX Runtime was not measured
-    opset: int
-    versions: dict[str, str]  # the code that traced the graph
-    seconds: dict[str, float]  # per candidate (contiguous, channels_last, onnxruntime) on the timing probe
-    probe: str = ""  # the timing input's shape
-    export_error: str | None = None
-    max_abs_diff: float | None = None  # on the verification probe
-    onnx_sha256: str | None = None  # of the cached .onnx file
-    export_seconds: float | None = None
-    measure_seconds: float = 0.0  # the whole first-use cost
-
-    @property
-    def exact(self) -> bool:
-        return self.max_abs_diff is not None and self.max_abs_diff <= TOLERANCE
-
-    def faster_layout(self) -> bool | None:
-        """Whether channels_last measured faster than contiguous here (None: not both measured)."""
-        s = self.seconds
-        if "contiguous" not in s or "channels_last" not in s:
-            return None
-        return s["channels_last"] * MARGIN < s["contiguous"]
-
-    def choice(self, channels_last: bool) -> tuple[str, str]:
-        """The backend `auto` picks against PyTorch in this layout, and why."""
-        if self.provider is None:
-            return "torch", "ONNX Runtime was not measured for this device"
-        if self.export_error:
-            return "torch", self.export_error
-        if not self.exact:
-            return "torch", (f"the exported graph differs from PyTorch by {self.max_abs_diff:.1e} "
-                             f"(more than {TOLERANCE:g}) on the probe tiles")
-        ort = self.seconds["onnxruntime"]
-        layout = "channels_last" if channels_last else "contiguous"
-        reference = self.seconds.get(layout, min(v for k, v in self.seconds.items() if k != "onnxruntime"))
-        timing = f"{reference:.3f} s vs {ort:.3f} s on {self.probe}"
-        if ort * MARGIN < reference:
-            return "onnxruntime", (f"exact to {self.max_abs_diff:.0e} and {reference / ort:.2f}× faster "
-                                   f"than PyTorch ({timing})")
-        return "torch", f"ONNX Runtime is exact but not faster than PyTorch ({timing})"
-
-
-def cache_folder() -> Path:
-    from .hub import cache_root
-
-    return cache_root() / "onnx"
-
-
-@functools.lru_cache(maxsize=1)
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"torch": torch.__version__, "derestore": __version__}
-    for package in ("spandrel", "spandrel_extra_arches"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "none"
-    return found
-
-
-def _stem(sha256: str) -> str:
-    traced_by = hashlib.sha256(json.dumps(_versions(), sort_keys=True).encode()).hexdigest()[:10]
-    return f"{sha256[:32]}.opset{OPSET}.code-{traced_by}"
-
-
-def export_path(sha256: str) -> Path:
-    """Where the checkpoint's export is cached (whether or not it is there)."""
-    return cache_folder() / f"{_stem(sha256)}.onnx"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
-
-
-def verdict_path(sha256: str, machine: str, ort_version: str | None) -> Path:
-    return cache_folder() / f"{_stem(sha256)}.ort-{ort_version or 'none'}.{_slug(machine)}.json"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                return " ".join(line.split(":", 1)[1].split())
-    return platform.processor() or "CPU"
-
-
-def machine_name(device: torch.device) -> str:
-    """What a speed measurement holds for: the CPU model and torch's thread count, or the GPU's name."""
-    if device.type == "cpu":
-        return f"{cpu_model()} ({platform.machine()}), {torch.get_num_threads()} threads"
-    from .precision import device_name
-
-    return device_name(device)
-
-
-def cached(sha256: str, machine: str, ort_version: str | None) -> Verdict | None:
-    try:
-        return Verdict(**json.loads(verdict_path(sha256, machine, ort_version).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _save(verdict: Verdict, onnx_bytes: bytes | None) -> None:
-    path = verdict_path(verdict.sha256, verdict.machine, verdict.onnxruntime)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if onnx_bytes is not None:
-            atomic.write_bytes(export_path(verdict.sha256), onnx_bytes)  # before the verdict that names it
-        atomic.write_text(path, json.dumps(asdict(verdict), indent=1))
-    except OSError as exc:  # a read-only cache: the measurement is simply paid again next time
-        log.warning("cannot cache the ONNX export and backend verdict in %s (%s)", path.parent, exc.strerror or exc)
-
-
-def _load_export(verdict: Verdict) -> bytes | None:
-    """The cached export the verdict was measured with, or None if it is gone or not the same file."""
-    try:
-        data = export_path(verdict.sha256).read_bytes()
-    except OSError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == verdict.onnx_sha256 else None
 
 
 @contextlib.contextmanager
@@ -543,8 +347,7 @@ def choose(descriptor: ImageModelDescriptor, device: torch.device, *, backend: s
     # A measurement of layouts alone (backend="torch", or no onnxruntime) is keyed as made without it.
     version = ort.__version__ if provider is not None else None
 
-    shapes = ProbeShapes.of(descriptor, tile)
-    probes = {"×".join(map(str, shapes.timing)), "×".join(map(str, shapes.work))}
+    probes = ProbeShapes.of(NetworkFacts.of(descriptor), tile).probes()
 
     def sufficient(found: Verdict | None) -> bool:
         return (found is not None and found.probe in probes and (provider is None or found.provider is not None)
@@ -557,7 +360,7 @@ def choose(descriptor: ImageModelDescriptor, device: torch.device, *, backend: s
             if not sufficient(verdict):
                 verdict, data = _measure(descriptor, device, sha256, provider, channels_last=channels_last,
                                          layouts=want_layout, tile=tile)
-                _save(verdict, data)
+                save(verdict, data)
                 fresh = True
     assert verdict is not None
     return _decide(descriptor, verdict, data, provider, backend, channels_last, layout_auto, fresh=fresh)
@@ -581,10 +384,10 @@ def _decide(descriptor: ImageModelDescriptor, verdict: Verdict, data: bytes | No
         reason = "as asked" if chosen == "onnxruntime" else f"as asked; {reason}"
         chosen = "onnxruntime"
     if chosen == "onnxruntime":
-        data = data or _load_export(verdict)
+        data = data or load_export(verdict)
         if data is None:  # the cached file went missing: the same code traces the same graph again
             data = export(descriptor)
-            _save(dataclasses.replace(verdict, onnx_sha256=hashlib.sha256(data).hexdigest()), data)
+            save(dataclasses.replace(verdict, onnx_sha256=hashlib.sha256(data).hexdigest()), data)
         choice.network = OnnxNetwork(data, provider, descriptor)
     elif layout_auto and verdict.faster_layout() is not None:
         reason += f"; layout {'channels_last' if channels_last else 'contiguous'}"
@@ -597,7 +400,7 @@ def _measure(descriptor: ImageModelDescriptor, device: torch.device, sha256: str
     """Export, verify and time (see the module docstring); returns the verdict and the verified export."""
     started = time.perf_counter()
     ort = onnxruntime() if provider is not None else None
-    shapes = ProbeShapes.of(descriptor, tile)
+    shapes = ProbeShapes.of(NetworkFacts.of(descriptor), tile)
     what = " and ".join(w for w, on in (("ONNX Runtime", provider is not None), ("memory layouts", layouts)) if on)
     log.info("first use of this %s checkpoint here: timing %s against PyTorch (once; cached in %s)",
              descriptor.architecture.id, what, cache_folder())
@@ -642,7 +445,7 @@ def _measure(descriptor: ImageModelDescriptor, device: torch.device, sha256: str
                 seconds = time_candidates(candidates_on(probe), sync=sync)
     verdict = Verdict(
         sha256=sha256, machine=machine_name(device), onnxruntime=ort.__version__ if ort is not None else None,
-        provider=provider.name if provider is not None else None, opset=OPSET, versions=_versions(),
+        provider=provider.name if provider is not None else None, opset=OPSET, versions=versions(), network=NetworkFacts.of(descriptor),
         seconds=seconds, probe="×".join(map(str, probe)), export_error=export_error,
         max_abs_diff=None if diff is None else float(f"{diff:.3g}"),
         onnx_sha256=hashlib.sha256(data).hexdigest() if data is not None else None,
@@ -719,7 +522,7 @@ def write_export(descriptor: ImageModelDescriptor, path: Path) -> ExportReport:
     if onnxruntime() is None:
         raise UsageError("exporting needs onnxruntime to verify the file: pip install onnxruntime onnx")
     data = export(descriptor)
-    shape = ProbeShapes.of(descriptor).verify
+    shape = ProbeShapes.of(NetworkFacts.of(descriptor)).verify
     try:
         diff = verify(descriptor, OnnxNetwork(data, Provider("CPUExecutionProvider", {}, torch.device("cpu")),
                                               descriptor), shape)

@@ -158,8 +158,8 @@ def run(
     """Restore every input into `output` and write the run record; returns what happened.
 
     The options are those of `plan`, `load`, `restore` and `GroundTruth.open`;
-    `max_pixels` 0 or None means no limit. `threads` sets torch's CPU threads
-    (None: leave them as the process has them), `tune_kernels` lets cuDNN autotune
+    `max_pixels` 0 or None means no limit. `threads`: the CPU threads (`load`'s: torch's are set
+    process-wide, None leaves them as the process has them), `tune_kernels` lets cuDNN autotune
     (both process-wide: only when asked). `precision="auto"` means fp32 for
     `tiling="published"` and for scoring against `gt`, where numbers must be the
     paper's; elsewhere the precision measured accurate for the checkpoint
@@ -230,14 +230,10 @@ def run(
         options.pop(key)
     try:
         try:
-            if threads is not None:
-                from .engine import set_cpu_threads
-
-                set_cpu_threads(threads)
             # On Ray the driver loads the model once on its CPU: it validates the checkpoint (and fetches
             # it into this node's cache) before any worker starts.
             loaded = api.load(**{**load_options, "device": "cpu" if ray else device},  # type: ignore[arg-type]
-                              download_progress=download_progress)
+                              threads=threads, download_progress=download_progress)
         except DerestoreError:
             record_path = None  # nothing was done: no record
             raise
@@ -370,11 +366,10 @@ def _consume(results: Iterator[Result], handle: Callable[[Result], None]) -> Non
 
 def _write_record(path: Path, report: RunReport, model: Model | None, task: str | None,
                   options: dict[str, object]) -> None:
-    import torch
-
-    report.threads = torch.get_num_threads()
     # A Ray run's engine here is the driver's CPU check; the workers' device is the one asked for.
     engine = model.engine if model is not None and report.cluster is None else None
+    if engine is not None:
+        report.threads = engine.threads
     data = {
         "version": __version__,
         "task": task,

@@ -1,7 +1,10 @@
 """Which statistics a checkpoint runs with, and over which window: the per-architecture facts behind
-`derestore.local_stats`, kept free of torch so that `derestore models` can show them."""
+`derestore.local_stats`, kept free of torch so that `derestore models` can show them and a run of a
+cached ONNX export (`derestore.onnx_engine`) can decide without the network."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from .errors import UsageError
 
@@ -39,6 +42,34 @@ DEFAULT_STATS: dict[str, str] = {
     "DTPNet": "global",
     "DeRestormer": "global",
 }
+
+# Architectures whose windows split along the whole image's lines (MPRNet's stage 1 and 2 patches),
+# under either statistics: their behaviour follows each tile's place, which an ONNX export freezes.
+SPLIT_LINES = frozenset({"MPRNet"})
+# Architectures whose paper's test script runs fixed windows (`derestore.archs.PUBLISHED_WINDOWS`, in PyTorch).
+PUBLISHED_WINDOW_ARCHS = frozenset({"DeRestormer"})
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What `apply` did, for logs and the run record."""
+
+    arch: str
+    stats: str
+    window: int | None = None  # image pixels
+    cell: int | None = None  # image pixels, attention sums
+    replaced: dict[str, int] = field(default_factory=dict)  # kind → modules
+    reach: int = 0  # the widest statistic's reach, image pixels
+    # Tiles must start (and, but for the last, measure) multiples of this, in image pixels: the cells
+    # and the deepest level's grid must fall where the whole image's do. It exceeds the model's own
+    # size multiple where a network pads inside its forward (NAFNet: 1 → 2^levels).
+    align: int = 1
+    split_lines: bool = False  # MPRNet: windows split along the image's lines (see `placed`)
+
+    def record(self) -> dict[str, object]:
+        """JSON-ready summary for the run record."""
+        return {"stats": self.stats, "window": self.window, "cell": self.cell, "reach": self.reach,
+                "align": self.align, "replaced": dict(self.replaced)}
 
 
 def supports(arch: str) -> bool:

@@ -22,7 +22,9 @@ window (for models whose tiles equal the whole image given that context).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -190,6 +192,15 @@ def reflect_indices(size: int, padded: int) -> np.ndarray:
     period = 2 * (size - 1)
     i = np.arange(padded) % period
     return np.where(i < size, i, period - i)
+
+
+def reflect_pad(x: Any, height: int, width: int, take: Callable[[Any, np.ndarray, int], Any] = np.take) -> Any:
+    """Pad (..., h, w) at the bottom/right to (height, width) by mirroring, repeatedly if needed; `take(x,
+    indices, axis)` gathers along an axis (numpy's by default; an engine passes its arrays' own)."""
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
+    return take(take(x, reflect_indices(h, height), -2), reflect_indices(w, width), -1)
 
 
 def fit_tile(height: int, width: int, bytes_per_pixel: float, free_bytes: float, batch: int,

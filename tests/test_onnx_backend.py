@@ -248,7 +248,7 @@ def test_frozen_width_is_caught_at_a_shape_the_export_did_not_see():
     descriptor = descriptor_of(FrozenWidth())
     network = onnx_backend.OnnxNetwork(onnx_backend.export(descriptor),
                                        onnx_backend.provider_for(torch.device("cpu"), []), descriptor)
-    shapes = onnx_backend.ProbeShapes.of(descriptor)
+    shapes = onnx_backend.ProbeShapes.of(onnx_backend.NetworkFacts.of(descriptor))
     assert onnx_backend.verify(descriptor, network, (2, 3, 64, 64)) <= 1e-6  # the traced width: exact
     assert shapes.verify[0] != shapes.export[0] and shapes.verify[3] not in shapes.export[2:]
     assert onnx_backend.verify(descriptor, network) > 1e-2

@@ -223,7 +223,8 @@ def test_available_memory_honours_cgroup_limits(tmp_path, v1, v2, expected):
 
 
 def test_auto_tile_under_a_real_cgroup_memory_limit(tmp_path):
-    from derestore.engine import AUTO_TILE_BUDGET, free_memory
+    from derestore.engine import free_memory
+    from derestore.tiled_engine import AUTO_TILE_BUDGET
     from derestore.tiling import fit_tile
 
     from .conftest import nafnet_state

@@ -108,7 +108,7 @@ def make_task_command(task: TaskRecord):  # noqa: ANN201 - returns a Typer callb
         quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only errors."),
     ) -> None:
         from .. import api, imageio
-        from ..engine import cpu_threads
+        from ..tiled_engine import cpu_threads
         from .download_progress import download_progress
 
         show_library_logs(quiet)
