@@ -6,7 +6,6 @@ unpickler, which refuses any object that could run code.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -52,14 +51,6 @@ def install_architectures() -> None:
 
     spandrel_extra_arches.install(ignore_duplicates=True)
     archs.install()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: Path) -> Any:

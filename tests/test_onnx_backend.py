@@ -17,7 +17,8 @@ import derestore  # noqa: E402
 from derestore import onnx_backend, stats_choice  # noqa: E402
 from derestore.engine import Engine  # noqa: E402
 from derestore.errors import ModelUnavailable, UsageError  # noqa: E402
-from derestore.loading import load_model, sha256_file  # noqa: E402
+from derestore.hub import sha256_file  # noqa: E402
+from derestore.loading import load_model  # noqa: E402
 
 from .conftest import nafnet_state, save_checkpoint, smooth_image, to_uint  # noqa: E402
 from .test_cli_restore import invoke, read_any  # noqa: E402
