@@ -160,7 +160,7 @@ def test_basicsr_containers_load_params_through_derestore(tmp_path, container):
     if container == "params+params_ema":
         checkpoint["params_ema"] = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     torch.save(checkpoint, tmp_path / "deraining.pth")
-    loaded = derestore.load(weights=tmp_path / "deraining.pth", device="cpu")
+    loaded = derestore.load(weights=tmp_path / "deraining.pth", device="cpu", backend="torch")
     assert loaded.arch == "DRSformer"
     x = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

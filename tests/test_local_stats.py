@@ -455,11 +455,12 @@ def test_cli_stats_flags_and_their_errors(tmp_path):
 def test_auto_tile_leaves_room_for_the_context_within_the_same_memory(tmp_path, monkeypatch):
     import derestore
     from derestore import engine as engine_module
+    from derestore.tiling import fit_tile
 
     model = derestore.load(weights=checkpoint(tmp_path, "NAFNet"), device="cpu", backend="torch", stats="local")
     monkeypatch.setattr(engine_module, "free_memory", lambda device: 16 << 30)
     context = model.engine.context(32)
-    window = engine_module.fit_tile(8000, 6000, model.engine.bytes_per_pixel(), 0.6 * (16 << 30),
+    window = fit_tile(8000, 6000, model.engine.bytes_per_pixel(), 0.6 * (16 << 30),
                                     model.engine.batch_size, model.engine._rule())
     assert window > 2 * context + 64
     assert model.engine.auto_tile(8000, 6000, 32) == window - 2 * context

@@ -463,3 +463,30 @@ def test_quick_networks_are_timed_again_at_their_working_size(naf, cache, monkey
     shapes.clear()
     again = derestore.load(weights=naf, device="cpu", typical_tile=typical)  # the cached verdict suffices
     assert shapes == [] and again.engine.backend == "onnxruntime"
+
+
+@pytest.mark.parametrize("state, norm, fused", [
+    (nafnet_state, "LayerNorm2d", True),
+    (restormer_state, "LayerNorm", True),
+    (lambda: restormer_bias_free_state(), "LayerNorm", False),
+])
+def test_layer_norms_export_as_one_node_and_the_network_is_left_as_it_was(tmp_path, state, norm, fused):
+    import onnx
+
+    descriptor = load_model(save_checkpoint(tmp_path / "net.pth", state())).descriptor
+    norms = [m for m in descriptor.model.modules() if type(m).__name__ == norm]
+    assert norms
+    graph = onnx.load_from_string(onnx_backend.export(descriptor)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("LayerNormalization") == (len(norms) if fused else 0)
+    assert all("forward" not in vars(m) for m in norms)  # the trace's forms are gone again
+    assert onnx_backend.verify(descriptor, onnx_backend.OnnxNetwork(
+        onnx_backend.export(descriptor), onnx_backend.provider_for(torch.device("cpu"), []), descriptor)) <= 1e-5
+
+
+def restormer_bias_free_state() -> dict[str, torch.Tensor]:
+    from spandrel_extra_arches.architectures.Restormer import Restormer
+
+    torch.manual_seed(0)
+    return Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1],
+                     LayerNorm_type="BiasFree").state_dict()
