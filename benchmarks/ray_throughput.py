@@ -49,7 +49,7 @@ def rainy_photo(width: int, height: int, seed: int) -> np.ndarray:
 
 def timed_run(inputs: Path, output: Path, options: dict[str, object]) -> dict[str, object]:
     import derestore
-    from derestore.engine import cpu_threads
+    from derestore.tiled_engine import cpu_threads
     from derestore.runner import Finished, Loaded
 
     marks: dict[str, float] = {}

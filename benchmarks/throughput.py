@@ -246,7 +246,8 @@ def main() -> None:
         return
 
     import derestore
-    from derestore.engine import choose_device, cpu_threads, set_cpu_threads
+    from derestore.engine import choose_device, set_cpu_threads
+    from derestore.tiled_engine import cpu_threads
     from derestore.loading import load_model
 
     set_cpu_threads(cpu_threads())  # as the command line does; the library leaves threads to its host

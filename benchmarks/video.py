@@ -77,7 +77,8 @@ def main() -> None:
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     import derestore
-    from derestore.engine import cpu_threads, set_cpu_threads
+    from derestore.engine import set_cpu_threads
+    from derestore.tiled_engine import cpu_threads
     from derestore.video import flicker
 
     set_cpu_threads(cpu_threads())

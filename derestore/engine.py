@@ -16,11 +16,7 @@ import torch
 
 from . import local_stats, tuning
 from .errors import UsageError
-from .tiled_engine import BACKENDS as BACKENDS
-from .tiled_engine import LAYOUTS, PRECISIONS, DEFAULT_BATCH, TiledEngine, check_backend
-from .tiled_engine import cpu_threads as cpu_threads
-from .tiled_engine import is_device_failure as is_device_failure
-from .tiled_engine import is_out_of_memory as is_out_of_memory
+from .tiled_engine import DEFAULT_BATCH, LAYOUTS, PRECISIONS, TiledEngine, check_backend
 from .tiling import SizeRule, TilePlan
 
 if TYPE_CHECKING:

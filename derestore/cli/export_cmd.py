@@ -51,7 +51,8 @@ def _export(name: str | None, weights: Path | None, output: Path):  # noqa: ANN2
     if (name is None) == (weights is None):
         raise UsageError("name a registry model or give weights=FILE (one of them)")
     from .. import api
-    from ..engine import cpu_threads, set_cpu_threads
+    from ..engine import set_cpu_threads
+    from ..tiled_engine import cpu_threads
     from ..onnx_backend import export_target, write_export
 
     target = export_target(output, name or weights.stem, given=[weights] if weights else [])  # type: ignore[union-attr]
