@@ -164,7 +164,7 @@ def test_malicious_checkpoint_refused_with_exit_3(tmp_path):
 def test_broken_half_precision_is_redone_in_fp32(tmp_path, ckpt, monkeypatch):
     import derestore
 
-    model = derestore.load(weights=ckpt, device="cpu")
+    model = derestore.load(weights=ckpt, device="cpu", backend="torch")  # half precision is PyTorch's
     model.engine.dtype = torch.bfloat16
     real = model.engine._forward
 
