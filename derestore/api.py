@@ -329,10 +329,12 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
             exc.alternatives = [m.name for m in registry.for_task(record.task) if m.bundled and m is not record]
             raise
         name = record.name
-    if backend != "torch" and not compile and precision in ("auto", "fp32") and onnx_engine.cpu_only(device):
-        from .hub import sha256_file
+    from .hub import sha256_file
 
-        sha256 = record.sha256 if record is not None and record.sha256 else sha256_file(path)
+    # Verdicts (precision, backend, layout) are kept per checkpoint digest: hashed only where one is read.
+    sha256 = record.sha256 if record is not None and record.sha256 else None
+    if backend != "torch" and not compile and precision in ("auto", "fp32") and onnx_engine.cpu_only(device):
+        sha256 = sha256 or sha256_file(path)
         found = _open_cached(registry, record, sha256, backend=backend, layout=layout, stats=stats,
                              stats_window=stats_window, typical_tile=typical_tile, batch_size=batch_size,
                              threads=threads)
@@ -351,13 +353,8 @@ def load(*, task: str | None = None, model: str | None = None, weights: str | Pa
     from .precision import half_types
 
     devices = parse_devices(device)
-    # The precision probe's verdict is kept per checkpoint: hash the file only where a probe can run.
-    sha256 = record.sha256 if record is not None else None
-    # So is the backend's and layout's first-use measurement (`derestore.onnx_backend`).
     if sha256 is None and (precision != "auto" or backend != "torch" or layout == "auto"
                            or any(half_types(choose_device(d)) for d in devices)):
-        from .hub import sha256_file
-
         sha256 = sha256_file(path)
     conversion = _convert(loaded.descriptor, stats, stats_window or (record.stats_window if record else None))
     tile = _hint(registry, record, loaded.arch, "tile", DEFAULT_TILE)

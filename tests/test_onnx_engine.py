@@ -208,3 +208,13 @@ def test_the_command_line_writes_the_same_images_and_record_from_the_cache(tmp_p
     for key in ("arch", "sha256", "device", "precision", "statistics", "threads", "options"):
         assert first[key] == cached[key], key
     assert cached["statistics"]["stats"] == "global" and cached["counts"]["ok"] == 2
+
+
+def test_a_checkpoint_is_hashed_once_when_the_cache_does_not_apply(naf, onnx_faster, monkeypatch):
+    from derestore import hub
+
+    derestore.load(weights=naf, device="cpu")
+    real, hashed = hub.sha256_file, []
+    monkeypatch.setattr(hub, "sha256_file", lambda path: hashed.append(path) or real(path))
+    model = derestore.load(weights=naf, device="cpu", stats="local")  # looked up, then loaded and converted
+    assert isinstance(model.engine, Engine) and hashed == [naf]
