@@ -163,14 +163,12 @@ class _Replica:
             raise UsageError(f"the driver's working folder {cwd} does not exist on Ray node "
                              f"{socket.gethostname()}; inputs and outputs must be on a file system every "
                              "node mounts at the same path") from None
-        if threads is not None:
-            from .engine import set_cpu_threads
-
-            set_cpu_threads(threads)  # this process is the replica's own
         options = dict(options)
         gt, protocol, crop_border = options.pop("gt", None), options.pop("protocol"), options.pop("crop_border")
         score = api.GroundTruth.open(gt, protocol, crop_border) if gt is not None else None
-        step = api.load(**load).step(**options, score=score)
+        # This process is the replica's own: `threads` may set torch's process-wide, and a replica that
+        # finds the checkpoint's export cached for them never imports torch at all.
+        step = api.load(**load, threads=threads).step(**options, score=score)
         return dataclasses.replace(step, restore=self._guard(step.restore))
 
     def _guard(self, restore: Callable[..., tuple[object, list[str]]]) -> Callable[..., tuple[object, list[str]]]:
