@@ -390,9 +390,9 @@ def _open_cached(registry: Registry, record: ModelRecord | None, sha256: str, *,
     """The engine of the checkpoint's cached ONNX export where its first use here chose it (else None)."""
     threads = onnx_engine.threads_for(threads)
     verdict = onnx_engine.cached_verdict(sha256, threads)
-    if verdict is None or verdict.network is None:
+    if verdict is None:
         return None
-    arch = verdict.network.architecture
+    arch = verdict.network.architecture  # type: ignore[union-attr]  # a cached verdict records its network
     return onnx_engine.open_cached(
         verdict, threads=threads, backend=backend, layout=layout, stats=stats,
         stats_window=stats_window or (record.stats_window if record else None), batch_size=batch_size,

@@ -16,6 +16,7 @@ import torch
 
 from . import local_stats, tuning
 from .errors import UsageError
+from .onnx_cache import NetworkFacts
 from .tiled_engine import DEFAULT_BATCH, LAYOUTS, PRECISIONS, TiledEngine, check_backend
 from .tiling import SizeRule, TilePlan
 
@@ -124,11 +125,6 @@ def free_memory(device: torch.device) -> int:
 def set_cpu_threads(threads: int) -> None:
     """Process-wide: only when the caller asks (the CLI does, with `cpu_threads()`)."""
     torch.set_num_threads(threads)
-
-
-def size_rule(descriptor: ImageModelDescriptor) -> SizeRule:
-    req = descriptor.size_requirements
-    return SizeRule(multiple=req.multiple_of, minimum=req.minimum, square=req.square)
 
 
 @dataclass
@@ -283,7 +279,7 @@ class Engine(TiledEngine):
         return local_stats.context(self.conversion, overlap // 2)
 
     def _rule(self) -> SizeRule:
-        rule = size_rule(self.descriptor)
+        rule = NetworkFacts.of(self.descriptor).size_rule()
         if self.stats == "local":
             # Cells and the deepest level's grid of every tile must fall where the whole image's do.
             rule = dataclasses.replace(rule, multiple=math.lcm(rule.multiple, self.conversion.align))

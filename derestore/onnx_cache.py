@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, atomic
+from .errors import ExportError
 from .tiling import SizeRule
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,22 @@ class Verdict:
             return "onnxruntime", (f"exact to {self.max_abs_diff:.0e} and {reference / ort:.2f}× faster "
                                    f"than PyTorch ({timing})")
         return "torch", f"ONNX Runtime is exact but not faster than PyTorch ({timing})"
+
+    def pick(self, backend: str, channels_last: bool) -> tuple[str, str]:
+        """The backend under `backend` and why: auto's `choice`, or ONNX Runtime as asked — ExportError
+        where its graph was not exact."""
+        chosen, reason = self.choice(channels_last)
+        if backend != "onnxruntime":
+            return chosen, reason
+        if self.export_error or not self.exact:
+            raise ExportError(f"backend='onnxruntime': {reason}; use backend='auto' or 'torch'")
+        return "onnxruntime", "as asked" if chosen == "onnxruntime" else f"as asked; {reason}"
+
+    def answers(self, probes: set[str], *, provider: bool, layouts: bool) -> bool:
+        """Whether this verdict was timed at one of `probes` (`ProbeShapes.probes`) with what is asked of it:
+        ONNX Runtime measured (`provider`) and both PyTorch layouts (`layouts`)."""
+        return (self.probe in probes and (not provider or self.provider is not None)
+                and (not layouts or self.faster_layout() is not None))
 
     def layout(self, layout: str, default: bool) -> bool:
         """PyTorch's layout under `layout` (auto: the one measured faster here, else `default`)."""

@@ -186,15 +186,11 @@ def open_cached(verdict: Verdict, *, threads: int, backend: str, layout: str, st
         return None
     if facts.architecture in stats_choice.SPLIT_LINES | stats_choice.PUBLISHED_WINDOW_ARCHS:
         return None
-    if verdict.probe not in ProbeShapes.of(facts, tile).probes():
-        return None  # timed for another working size: the caller measures again
-    if layout == "auto" and verdict.faster_layout() is None:
-        return None
+    if not verdict.answers(ProbeShapes.of(facts, tile).probes(), provider=True, layouts=layout == "auto"):
+        return None  # timed for another working size, or without both layouts: the caller measures again
     channels_last = verdict.layout(layout, tuning.channels_last(facts.architecture))
-    chosen, reason = verdict.choice(channels_last)
-    if backend == "onnxruntime":
-        reason = "as asked" if chosen == "onnxruntime" else f"as asked; {reason}"
-    elif chosen != "onnxruntime":
+    chosen, reason = verdict.pick(backend, channels_last)
+    if chosen != "onnxruntime":
         return None
     data = onnx_cache.load_export(verdict)
     if data is None:
