@@ -61,6 +61,38 @@ def nafnet_ckpt(tmp_path: Path) -> Path:
     return save_checkpoint(tmp_path / "nafnet.pth", nafnet_state())
 
 
+@pytest.fixture
+def onnx_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """derestore's cache in this test's own folder, so that no verdict another test measured applies;
+    returns its ONNX folder."""
+    monkeypatch.setenv("DERESTORE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "onnx"
+
+
+@pytest.fixture
+def published_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NAFNet with global statistics, the published network (local ones stay on PyTorch)."""
+    from derestore import stats_choice
+
+    monkeypatch.setitem(stats_choice.DEFAULT_STATS, "NAFNet", "global")
+
+
+def timings(**seconds: float):  # noqa: ANN201 - a stand-in for onnx_backend.time_candidates
+    """A stand-in for the timing step: fixed seconds per candidate, so that the choice is deterministic."""
+    def fake(candidates, **_):
+        return {name: seconds[name] for name in candidates}
+
+    return fake
+
+
+@pytest.fixture
+def onnx_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime timed twice as fast as PyTorch in either layout."""
+    from derestore import onnx_backend
+
+    monkeypatch.setattr(onnx_backend, "time_candidates", timings(contiguous=1.0, channels_last=1.0, onnxruntime=0.5))
+
+
 def smooth_image(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
     """A natural-ish test image (smooth gradients plus texture) as (H, W, C) float in [0, 1]."""
     rng = np.random.default_rng(seed)

@@ -20,24 +20,16 @@ from derestore.errors import ModelUnavailable, UsageError  # noqa: E402
 from derestore.hub import sha256_file  # noqa: E402
 from derestore.loading import load_model  # noqa: E402
 
-from .conftest import nafnet_state, save_checkpoint, smooth_image, to_uint  # noqa: E402
+from .conftest import nafnet_state, save_checkpoint, smooth_image, timings, to_uint  # noqa: E402
 from .test_cli_restore import invoke, read_any  # noqa: E402
 
 # Measured: ONNX Runtime reproduces PyTorch to 1e-7–4e-7 on these networks; outputs are compared at 1e-5.
 MATCH = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("DERESTORE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "onnx"
-
-
-@pytest.fixture(autouse=True)
-def published_statistics(monkeypatch):
-    """These tests are about the backend of the published network: NAFNet with global statistics
-    (local ones stay on PyTorch, see tests/test_local_stats.py)."""
-    monkeypatch.setitem(stats_choice.DEFAULT_STATS, "NAFNet", "global")
+# Every test here: its own cache, and NAFNet's published (global) statistics — local ones stay on
+# PyTorch (see tests/test_local_stats.py).
+pytestmark = pytest.mark.usefixtures("onnx_cache", "published_statistics")
 
 
 @pytest.fixture
@@ -57,19 +49,6 @@ def exports(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(onnx_backend, "export", counting)
     return made
-
-
-def timings(**seconds: float):
-    """A stand-in for the timing step: fixed seconds per candidate, so that the choice is deterministic."""
-    def fake(candidates, **_):
-        return {name: seconds[name] for name in candidates}
-
-    return fake
-
-
-@pytest.fixture
-def onnx_faster(monkeypatch):
-    monkeypatch.setattr(onnx_backend, "time_candidates", timings(contiguous=1.0, channels_last=1.0, onnxruntime=0.5))
 
 
 def image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -93,10 +72,10 @@ def test_auto_runs_onnxruntime_where_faster_and_matches_pytorch(naf, onnx_faster
                for r in caplog.records)
 
 
-def test_second_load_reads_the_cache_and_exports_nothing(naf, cache, exports, onnx_faster, monkeypatch):
+def test_second_load_reads_the_cache_and_exports_nothing(naf, onnx_cache, exports, onnx_faster, monkeypatch):
     first = derestore.load(weights=naf, device="cpu")
     assert exports == ["NAFNet"]
-    onnx_files, verdicts = list(cache.glob("*.onnx")), list(cache.glob("*.ort-*.json"))
+    onnx_files, verdicts = list(onnx_cache.glob("*.onnx")), list(onnx_cache.glob("*.ort-*.json"))
     assert len(onnx_files) == 1 and len(verdicts) == 1
     sha = sha256_file(naf)
     assert onnx_files[0].name.startswith(sha[:32]) and ".opset18." in onnx_files[0].name
@@ -114,9 +93,9 @@ def test_second_load_reads_the_cache_and_exports_nothing(naf, cache, exports, on
     assert second.engine.backend_verdict == first.engine.backend_verdict
 
 
-def test_a_lost_export_is_made_again_when_onnxruntime_was_chosen(naf, cache, exports, onnx_faster):
+def test_a_lost_export_is_made_again_when_onnxruntime_was_chosen(naf, onnx_cache, exports, onnx_faster):
     derestore.load(weights=naf, device="cpu")
-    (onnx_file,) = cache.glob("*.onnx")
+    (onnx_file,) = onnx_cache.glob("*.onnx")
     onnx_file.write_bytes(b"truncated")
     again = derestore.load(weights=naf, device="cpu")
     assert exports == ["NAFNet", "NAFNet"] and again.engine.backend == "onnxruntime"
@@ -157,10 +136,10 @@ def test_auto_keeps_pytorch_where_onnxruntime_is_not_faster_and_says_why(naf, mo
                for r in caplog.records)
 
 
-def test_layout_auto_takes_the_layout_measured_faster_here(naf, cache, monkeypatch):
+def test_layout_auto_takes_the_layout_measured_faster_here(naf, onnx_cache, monkeypatch):
     monkeypatch.setattr(onnx_backend, "time_candidates", timings(contiguous=1.0, channels_last=0.5))
     assert derestore.load(weights=naf, device="cpu", backend="torch").engine.channels_last
-    for path in cache.iterdir():
+    for path in onnx_cache.iterdir():
         path.unlink()
     monkeypatch.setattr(onnx_backend, "time_candidates", timings(contiguous=0.5, channels_last=1.0))
     model = derestore.load(weights=naf, device="cpu", backend="torch")
@@ -168,10 +147,10 @@ def test_layout_auto_takes_the_layout_measured_faster_here(naf, cache, monkeypat
     assert next(model.engine.descriptor.model.parameters()).is_contiguous()
 
 
-def test_backend_torch_with_a_fixed_layout_measures_and_exports_nothing(naf, cache, exports):
+def test_backend_torch_with_a_fixed_layout_measures_and_exports_nothing(naf, onnx_cache, exports):
     model = derestore.load(weights=naf, device="cpu", backend="torch", layout="contiguous")
     assert model.engine.backend == "torch" and model.engine.backend_verdict is None
-    assert exports == [] and not cache.exists()
+    assert exports == [] and not onnx_cache.exists()
 
 
 def test_explicit_onnxruntime_runs_even_where_not_faster(naf, monkeypatch):
@@ -440,7 +419,7 @@ def test_export_writes_the_published_network_whatever_the_records_statistics(tmp
     (0.1, 384, ["1×3×256×256", "1×3×384×384"]),  # quick: timed again at the tile runs will use
     (0.9, 0, ["1×3×256×256"]),  # slow at 256²: that measurement stands
 ])
-def test_quick_networks_are_timed_again_at_their_working_size(naf, cache, monkeypatch, first, typical, probes):
+def test_quick_networks_are_timed_again_at_their_working_size(naf, onnx_cache, monkeypatch, first, typical, probes):
     shapes = []
     real = onnx_backend.probe_batch
 

@@ -15,56 +15,24 @@ import torch
 pytest.importorskip("onnxruntime")
 
 import derestore  # noqa: E402
-from derestore import onnx_backend, onnx_cache, onnx_engine, stats_choice  # noqa: E402
-from derestore.tiled_engine import cpu_threads  # noqa: E402
+from derestore import onnx_backend, onnx_engine  # noqa: E402
 from derestore.engine import Engine  # noqa: E402
+from derestore.onnx_cache import versions  # noqa: E402
 from derestore.onnx_engine import CachedEngine  # noqa: E402
+from derestore.tiled_engine import cpu_threads  # noqa: E402
 
-from .conftest import cli_command, nafnet_state, save_checkpoint, smooth_image, to_uint  # noqa: E402
+from .conftest import cli_command, save_checkpoint, smooth_image, timings, to_uint  # noqa: E402
 from .test_cli_restore import invoke, read_any  # noqa: E402
-from .test_onnx_backend import restormer_state  # noqa: E402
+from .test_onnx_backend import MATCH, image, restormer_state  # noqa: E402
 
-# Measured: the cached engine reproduces the first use's ONNX Runtime run exactly (0.0) and PyTorch to
-# 1e-7–4e-7; compared at 1e-5.
-MATCH = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("DERESTORE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "onnx"
+# Every test here: its own cache, and NAFNet's published (global) statistics, whose network exports.
+pytestmark = pytest.mark.usefixtures("onnx_cache", "published_statistics")
 
 
-@pytest.fixture(autouse=True)
-def published_statistics(monkeypatch):
-    monkeypatch.setitem(stats_choice.DEFAULT_STATS, "NAFNet", "global")
-
-
-def timings(**seconds: float):
-    def fake(candidates, **_):
-        return {name: seconds[name] for name in candidates}
-
-    return fake
-
-
-@pytest.fixture
-def onnx_faster(monkeypatch):
-    monkeypatch.setattr(onnx_backend, "time_candidates", timings(contiguous=1.0, channels_last=1.0, onnxruntime=0.5))
-
-
-@pytest.fixture
-def naf(tmp_path) -> Path:
-    return save_checkpoint(tmp_path / "naf.pth", nafnet_state(), "params")
-
-
-def image(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return smooth_image(h, w, seed=seed).transpose(2, 0, 1).astype(np.float32)
-
-
-def test_a_measured_checkpoint_runs_from_its_cached_export_with_the_same_output(naf, onnx_faster):
-    first = derestore.load(weights=naf, device="cpu")
+def test_a_measured_checkpoint_runs_from_its_cached_export_with_the_same_output(nafnet_ckpt, onnx_faster):
+    first = derestore.load(weights=nafnet_ckpt, device="cpu")
     assert isinstance(first.engine, Engine) and first.engine.backend == "onnxruntime"
-    again = derestore.load(weights=naf, device="cpu")
+    again = derestore.load(weights=nafnet_ckpt, device="cpu")
     assert isinstance(again.engine, CachedEngine)
     assert again.arch == "NAFNet" and again.stats == "global" and again.engine.precision == "fp32"
     assert again.sha256 == first.sha256 and again.tile == first.tile and again.overlap == first.overlap
@@ -101,33 +69,33 @@ def test_odd_sized_tiles_of_a_padded_network_match_pytorch(tmp_path, onnx_faster
     ({}, {"backend": "onnxruntime"}, True),
     ({}, {"layout": "contiguous"}, True),
 ])
-def test_only_what_the_first_use_measured_runs_from_the_cache(naf, onnx_faster, first, later, runs_cached):
-    derestore.load(weights=naf, device="cpu", **first)
-    model = derestore.load(weights=naf, device="cpu", **later)
+def test_only_what_the_first_use_measured_runs_from_the_cache(nafnet_ckpt, onnx_faster, first, later, runs_cached):
+    derestore.load(weights=nafnet_ckpt, device="cpu", **first)
+    model = derestore.load(weights=nafnet_ckpt, device="cpu", **later)
     assert isinstance(model.engine, CachedEngine) is runs_cached
 
 
-def test_a_checkpoint_measured_slower_on_onnxruntime_stays_on_pytorch(naf, monkeypatch):
+def test_a_checkpoint_measured_slower_on_onnxruntime_stays_on_pytorch(nafnet_ckpt, monkeypatch):
     monkeypatch.setattr(onnx_backend, "time_candidates", timings(contiguous=1.0, channels_last=0.9, onnxruntime=2.0))
-    derestore.load(weights=naf, device="cpu")
-    again = derestore.load(weights=naf, device="cpu")
+    derestore.load(weights=nafnet_ckpt, device="cpu")
+    again = derestore.load(weights=nafnet_ckpt, device="cpu")
     assert isinstance(again.engine, Engine) and again.engine.backend == "torch"
 
 
-def test_another_thread_count_or_a_lost_export_measures_or_exports_again(naf, cache, onnx_faster):
-    derestore.load(weights=naf, device="cpu")
-    assert isinstance(derestore.load(weights=naf, device="cpu", threads=torch.get_num_threads()).engine,
+def test_another_thread_count_or_a_lost_export_measures_or_exports_again(nafnet_ckpt, onnx_cache, onnx_faster):
+    derestore.load(weights=nafnet_ckpt, device="cpu")
+    assert isinstance(derestore.load(weights=nafnet_ckpt, device="cpu", threads=torch.get_num_threads()).engine,
                       CachedEngine)
-    (onnx_file,) = cache.glob("*.onnx")
+    (onnx_file,) = onnx_cache.glob("*.onnx")
     onnx_file.write_bytes(b"truncated")
-    again = derestore.load(weights=naf, device="cpu")
+    again = derestore.load(weights=nafnet_ckpt, device="cpu")
     assert isinstance(again.engine, Engine) and again.engine.backend == "onnxruntime"  # traced again
-    assert isinstance(derestore.load(weights=naf, device="cpu").engine, CachedEngine)
+    assert isinstance(derestore.load(weights=nafnet_ckpt, device="cpu").engine, CachedEngine)
 
 
-def test_an_allocation_failure_retries_with_smaller_tiles(naf, onnx_faster, monkeypatch):
-    derestore.load(weights=naf, device="cpu")
-    model = derestore.load(weights=naf, device="cpu")
+def test_an_allocation_failure_retries_with_smaller_tiles(nafnet_ckpt, onnx_faster, monkeypatch):
+    derestore.load(weights=nafnet_ckpt, device="cpu")
+    model = derestore.load(weights=nafnet_ckpt, device="cpu")
     assert isinstance(model.engine, CachedEngine)
     real, sizes = model.engine.session.run, []
 
@@ -144,18 +112,18 @@ def test_an_allocation_failure_retries_with_smaller_tiles(naf, onnx_faster, monk
     (said,) = [n for n in notes if "out of memory" in n]
     retry = int(said.rsplit("first retry: ", 1)[1].rstrip(")"))
     assert sizes[0] == 150 and max(sizes[1:]) <= retry <= 100
-    torch_model = derestore.load(weights=naf, device="cpu", backend="torch")
+    torch_model = derestore.load(weights=nafnet_ckpt, device="cpu", backend="torch")
     expected, _ = torch_model.restore_array(img, tile=retry, overlap=32)
     np.testing.assert_allclose(out, expected, atol=MATCH)
 
 
-def test_the_verdict_records_the_facts_the_cached_run_needs(naf, cache, onnx_faster):
-    derestore.load(weights=naf, device="cpu")
-    (verdict_file,) = cache.glob("*.ort-*.json")
+def test_the_verdict_records_the_facts_the_cached_run_needs(nafnet_ckpt, onnx_cache, onnx_faster):
+    derestore.load(weights=nafnet_ckpt, device="cpu")
+    (verdict_file,) = onnx_cache.glob("*.ort-*.json")
     recorded = json.loads(verdict_file.read_text())["network"]
     assert recorded == {"architecture": "NAFNet", "input_channels": 3, "output_channels": 3, "scale": 1,
                         "multiple_of": 1, "minimum": 0, "square": False}
-    assert onnx_cache.versions()["torch"] == torch.__version__.split("+")[0]
+    assert versions()["torch"] == torch.__version__.split("+")[0]
 
 
 def _child_env(tmp_path: Path) -> dict[str, str]:
@@ -163,24 +131,24 @@ def _child_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "DERESTORE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
-def test_a_later_process_imports_neither_torch_nor_spandrel(tmp_path, naf, onnx_faster):
-    derestore.load(weights=naf, device="cpu")
+def test_a_later_process_imports_neither_torch_nor_spandrel(tmp_path, nafnet_ckpt, onnx_faster):
+    derestore.load(weights=nafnet_ckpt, device="cpu")
     img = image(40, 56, seed=5)
     np.save(tmp_path / "in.npy", img)
     script = (
         "import sys, numpy as np, derestore\n"
-        f"model = derestore.load(weights={str(naf)!r}, stats='global')\n"
+        f"model = derestore.load(weights={str(nafnet_ckpt)!r}, stats='global')\n"
         f"out, _ = model.restore_array(np.load({str(tmp_path / 'in.npy')!r}), tile=24, overlap=8)\n"
         f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
         "print(type(model.engine).__name__, 'torch' in sys.modules, 'spandrel' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", script], env=_child_env(tmp_path), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["CachedEngine", "False", "False"]
-    expected, _ = derestore.load(weights=naf, device="cpu", backend="torch").restore_array(img, tile=24, overlap=8)
+    expected, _ = derestore.load(weights=nafnet_ckpt, device="cpu", backend="torch").restore_array(img, tile=24, overlap=8)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=MATCH)
 
 
-def test_the_command_line_writes_the_same_images_and_record_from_the_cache(tmp_path, naf, onnx_faster,
+def test_the_command_line_writes_the_same_images_and_record_from_the_cache(tmp_path, nafnet_ckpt, onnx_faster,
                                                                           monkeypatch):
     import cv2
 
@@ -188,7 +156,7 @@ def test_the_command_line_writes_the_same_images_and_record_from_the_cache(tmp_p
     src.mkdir()
     for i in range(2):
         cv2.imwrite(str(src / f"im{i}.png"), to_uint(smooth_image(40 + 8 * i, 56, seed=i)))
-    args = ("denoise", str(src), "--weights", str(naf), "--stats", "global", "--tile", "0", "--json")
+    args = ("denoise", str(src), "--weights", str(nafnet_ckpt), "--stats", "global", "--tile", "0", "--json")
     # First use, in this process: measured (ONNX Runtime faster) and run by the PyTorch engine's session.
     before = torch.get_num_threads()
     with monkeypatch.context() as patch:
@@ -210,11 +178,11 @@ def test_the_command_line_writes_the_same_images_and_record_from_the_cache(tmp_p
     assert cached["statistics"]["stats"] == "global" and cached["counts"]["ok"] == 2
 
 
-def test_a_checkpoint_is_hashed_once_when_the_cache_does_not_apply(naf, onnx_faster, monkeypatch):
+def test_a_checkpoint_is_hashed_once_when_the_cache_does_not_apply(nafnet_ckpt, onnx_faster, monkeypatch):
     from derestore import hub
 
-    derestore.load(weights=naf, device="cpu")
+    derestore.load(weights=nafnet_ckpt, device="cpu")
     real, hashed = hub.sha256_file, []
     monkeypatch.setattr(hub, "sha256_file", lambda path: hashed.append(path) or real(path))
-    model = derestore.load(weights=naf, device="cpu", stats="local")  # looked up, then loaded and converted
-    assert isinstance(model.engine, Engine) and hashed == [naf]
+    model = derestore.load(weights=nafnet_ckpt, device="cpu", stats="local")  # looked up, then loaded and converted
+    assert isinstance(model.engine, Engine) and hashed == [nafnet_ckpt]
